@@ -1,0 +1,60 @@
+"""`cwt-ray`: the command line, a thin shell over cwt_ray.pipeline.
+
+User errors (bad config key or value, missing file, unusable data) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import UserError, load_config
+
+COMMANDS = {
+    "run": ("the whole pipeline: data -> chunk -> train -> eval -> report (finished stages are skipped)",
+            ("data", "chunk", "train", "eval", "report"), ()),
+    "chunk": ("prepare the data splits and chunk every training rationale (Ray Data)",
+              ("data", "chunk"), ("chunk",)),
+    "train": ("train every method's student (Ray Train); needs `chunk` done",
+              ("train",), ("train",)),
+    "eval": ("evaluate every trained student on the eval split (Ray Data generation)",
+             ("eval",), ("eval",)),
+    "report": ("write report.md, metrics.json and loss_curves.png from what the run directory holds",
+               ("report",), ("report",)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cwt-ray",
+        description="Chunk-wise (CWT) and skip-thinking chain-of-thought distillation on Ray. Each command reads "
+                    "an experiment YAML, applies key.sub=value overrides, and reads/writes <storage_path>/<name>/.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, _, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 methods=[cwt]")
+        if name == "run":
+            p.add_argument("--overwrite", action="store_true", help="delete the run directory and start over")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from .pipeline import run_stages
+
+        _, stages, force = COMMANDS[args.command]
+        out = run_stages(cfg, stages=stages, force=force, overwrite=getattr(args, "overwrite", False))
+        print(f"cwt-ray {args.command}: done. Output: {out}")
+        return 0
+    except UserError as e:
+        print(f"cwt-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cwt-ray: interrupted; finished stages are kept, re-run the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

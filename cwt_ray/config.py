@@ -1,0 +1,253 @@
+"""Typed experiment config: one YAML file per experiment, validated, with dotted CLI overrides.
+
+Every knob that `docs/method.md` marks as open lives here with its default in plain sight.
+Unknown keys and bad values fail with one line naming the key (exit code 2 through the CLI).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHODS = ("std_cot", "cwt")
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, file, data). The CLI prints it as one line, exit 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    answer_type: Literal["number"] = Field(
+        "number", description="Which answer extractor reads the student's output (registry in extract.py).")
+    answer_template: str = Field(
+        "#### {answer}", description="How the answer is written after the rationale; must contain {answer}.")
+
+    @field_validator("answer_template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{answer}" not in v:
+            raise ValueError("must contain '{answer}'")
+        return v
+
+
+class PromptConfig(_Strict):
+    template: str = Field("Question: {question}\nAnswer:\n",
+                          description="Plain-text prompt; must contain {question}.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain '{question}'")
+        return v
+
+
+class DataConfig(_Strict):
+    source: Literal["gsm_symbolic", "jsonl"] = "gsm_symbolic"
+    train_size: int = Field(96, ge=1, description="gsm_symbolic: questions generated per split.")
+    validation_size: int = Field(16, ge=0)
+    test_size: int = Field(24, ge=1)
+    # Disjoint seeds give disjoint generated sets; exact duplicates of train questions are
+    # still removed from validation/test (and counted) because templates can collide.
+    train_seed: int = 1001
+    validation_seed: int = 2002
+    test_seed: int = 3003
+    train_path: Optional[str] = Field(None, description="jsonl: file with training rows.")
+    validation_path: Optional[str] = None
+    test_path: Optional[str] = None
+    fields: dict[str, str] = Field(
+        default_factory=lambda: {"id": "id", "question": "question", "rationale": "rationale", "answer": "answer"},
+        description="jsonl: which field of a row holds id/question/rationale/answer.")
+
+    @model_validator(mode="after")
+    def _paths_for_jsonl(self) -> "DataConfig":
+        if self.source == "jsonl":
+            for key in ("train_path", "test_path"):
+                if not getattr(self, key):
+                    raise ValueError(f"data.{key} is required when data.source is 'jsonl'")
+        unknown = set(self.fields) - {"id", "question", "rationale", "answer"}
+        if unknown:
+            raise ValueError(f"data.fields has unknown key(s) {sorted(unknown)}; allowed: id, question, rationale, answer")
+        return self
+
+
+class StudentConfig(_Strict):
+    name: str = Field("smollm2-135m", description="'smollm2-135m', 'tiny-llama' (random init, real tokenizer) "
+                                                  "or a path to a local Hugging Face causal LM folder.")
+    max_length: int = Field(512, ge=16, description="Longest training sequence in tokens (prompt + target).")
+    trust_remote_code: bool = False
+
+
+class ChunkConfig(_Strict):
+    heuristic: Literal["average"] = "average"
+    num_chunks: int = Field(3, ge=1, le=64, description="K, the number of chunks per rationale (at most the steps it has).")
+    target_chunk_tokens: Optional[int] = Field(
+        None, ge=1, description="If set, K is derived per rationale as ceil(tokens / this), capped by num_chunks.")
+    step_unit: Literal["line", "sentence"] = Field(
+        "sentence", description="Smallest unit a boundary may fall on: lines, or sentences within lines.")
+    batch_size: int = Field(64, ge=1, description="Rationales per Ray Data batch.")
+    concurrency: int = Field(1, ge=1, description="Ray Data actors that tokenize and chunk.")
+
+
+class StagesConfig(_Strict):
+    """How chunk stages are marked in the text the student learns to write."""
+    chunk_marker: str = Field("[{stage}] ", description="Written before chunk i; may use {stage} (1-based). '' turns markers off.")
+    answer_marker: str = Field("[answer] ", description="Written before the answer stage.")
+    answer_stage: Literal["separate", "with_last_chunk"] = Field(
+        "separate", description="'separate': the answer is its own stage/sample; 'with_last_chunk': it is part of chunk K's target.")
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (smoke runs).")
+    batch_size: int = Field(8, ge=1, description="Samples per optimizer step, over all workers and accumulation.")
+    micro_batch_size: int = Field(8, ge=1, description="Samples per forward pass on one worker.")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    loss_normalizer: Literal["token", "sample"] = Field(
+        "token", description="'token': sum of token losses / supervised tokens of the whole optimizer step; "
+                             "'sample': mean over each sample's target tokens, then mean over samples.")
+    cwt_schedule: Literal["shuffle"] = Field(
+        "shuffle", description="'shuffle': every chunk sample of every rationale shuffled together.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast with fp32 master weights.")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    log_every: int = Field(1, ge=1, description="Optimizer steps between progress lines / ray.train.report calls.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainConfig":
+        per_worker, rem = divmod(self.batch_size, self.num_workers)
+        if rem or per_worker == 0:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers ({self.num_workers})")
+        if per_worker % self.micro_batch_size and self.micro_batch_size < per_worker:
+            raise ValueError(f"train.batch_size / num_workers ({per_worker}) must be a multiple of train.micro_batch_size "
+                             f"({self.micro_batch_size})")
+        return self
+
+
+class EvalConfig(_Strict):
+    split: Literal["test", "validation"] = "test"
+    max_new_tokens: int = Field(256, ge=1, description="Same cap for every method, never per method.")
+    batch_size: int = Field(8, ge=1)
+    concurrency: int = Field(1, ge=1, description="Ray Data generation actors.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    limit: Optional[int] = Field(None, ge=1, description="Evaluate only the first N questions of the split.")
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = Field(None, description="None: start an embedded local cluster; 'auto' or ray://...: connect.")
+    num_cpus: Optional[int] = Field(None, ge=1, description="Embedded cluster size (default: all cores).")
+    include_dashboard: bool = Field(True, description="Embedded cluster only; bound to 127.0.0.1. Ray's state API, "
+                                                       "which Ray Train polls, needs it.")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = "./runs"
+    methods: list[Literal["std_cot", "cwt"]] = Field(default_factory=lambda: ["std_cot", "cwt"], min_length=1)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    chunk: ChunkConfig = Field(default_factory=ChunkConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("methods must not repeat")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the config sections a stage depends on; a changed hash means the stage is redone."""
+        dump = self.model_dump(mode="json")
+        blob = json.dumps({s: dump[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise UserError(f"config override {dotted!r}: {'.'.join(keys[:i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not k for k in key.split(".")):
+            raise UserError(f"config override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{loc}'"
+    shown = first.get("input")
+    got = f" (got {shown!r})" if shown is not None and not isinstance(shown, dict) else ""
+    where = f"'{loc}'" if loc else "config"
+    return f"{source}: bad value for {where}: {msg}{got}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply `key.sub=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line} is not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: top level must be a mapping of config keys")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return validate_config(tree, source=str(path))
+
+
+def validate_config(tree: dict, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_error(e, source)) from None

