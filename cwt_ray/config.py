@@ -132,7 +132,7 @@ class TrainConfig(_Strict):
         per_worker, rem = divmod(self.batch_size, self.num_workers)
         if rem or per_worker == 0:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers ({self.num_workers})")
-        if per_worker % self.micro_batch_size and self.micro_batch_size < per_worker:
+        if per_worker % self.micro_batch_size:
             raise ValueError(f"train.batch_size / num_workers ({per_worker}) must be a multiple of train.micro_batch_size "
                              f"({self.micro_batch_size})")
         return self

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from .config import ExperimentConfig
 
 # Ray forwards a worker's print() twice under Train V2; a logger's records come through once.
@@ -54,7 +57,6 @@ def micro_batches(share: list[int], samples: list[Sample], micro: int) -> list[l
 
 def collate(batch: list[Sample], pad_id: int):
     """Right padding (left-padded training batches gave NaN losses under bf16 SDPA on an H200)."""
-    import torch
 
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -68,23 +70,41 @@ def collate(batch: list[Sample], pad_id: int):
     return ids, labels, mask
 
 
-def token_losses(model, ids, labels, mask):
-    """Per-token cross-entropy of next-token prediction, (batch, seq-1), zero where unsupervised."""
-    import torch.nn.functional as F
+class SupervisedLoss(torch.nn.Module):
+    """Per-token losses of the supervised positions only; DDP wraps this module.
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    target = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                           ignore_index=IGNORE, reduction="none")
-    return loss.view(target.shape), (target != IGNORE)
+    The LM head (hidden x 49k vocabulary for SmolLM2) runs only where a label exists: a CWT chunk
+    sample supervises a fraction of its tokens, so this skips most of the largest matmul and the
+    fp32 logits tensor while giving exactly the loss of a full forward.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        # Models that rescale or soft-cap their logits need the full head.
+        cfg = lm.config
+        self.full_head = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+
+    def forward(self, ids, mask, labels):
+        """Returns (loss of each supervised token [N], fp32; batch row of each [N])."""
+        target = labels[:, 1:]
+        sup = target != IGNORE
+        rows = sup.nonzero(as_tuple=True)[0]
+        if self.full_head:
+            logits = self.lm(input_ids=ids, attention_mask=mask).logits[:, :-1][sup]
+        else:
+            hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = self.lm.get_output_embeddings()(hidden[:, :-1][sup])
+        return F.cross_entropy(logits.float(), target[sup], reduction="none"), rows
 
 
-def normalised_loss(tok_loss, supervised, normalizer: str, step_tokens: int, step_samples: int):
+def normalised_loss(tok_loss, rows, batch_rows: int, normalizer: str, step_tokens: int, step_samples: int):
     """This micro-batch's share of the optimizer step's loss (see module docstring)."""
     if normalizer == "token":
         return tok_loss.sum() / step_tokens
-    per_sample = tok_loss.sum(dim=1) / supervised.sum(dim=1).clamp(min=1)
-    return per_sample.sum() / step_samples
+    per_row = torch.zeros(batch_rows, dtype=tok_loss.dtype, device=tok_loss.device).index_add(0, rows, tok_loss)
+    count = torch.bincount(rows, minlength=batch_rows).clamp(min=1)
+    return (per_row / count).sum() / step_samples
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -120,10 +140,10 @@ def _fmt_eta(seconds: float) -> str:
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    from contextlib import nullcontext
+
     import ray.train
     import ray.train.torch
-    import torch
-    from contextlib import nullcontext
 
     from .student import load_model, load_tokenizer, write_student_json
 
@@ -164,8 +184,8 @@ def train_loop_per_worker(config: dict) -> None:
             log_rows = [json.loads(line) for line in Path(d, TRAIN_LOG).read_text().splitlines()]
         if rank == 0:
             log.info(f"[train {method}] resumed from checkpoint at step {start_step}")
-    model = ray.train.torch.prepare_model(model)
-    raw_model = model.module if hasattr(model, "module") else model
+    raw_model = model
+    model = ray.train.torch.prepare_model(SupervisedLoss(model))   # DDP wraps the loss module
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
 
     def save(step: int, final: bool) -> None:
@@ -203,8 +223,8 @@ def train_loop_per_worker(config: dict) -> None:
             sync = nullcontext() if j == len(mbs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast:
-                    tok_loss, supervised = token_losses(model, ids, labels, mask)
-                loss = normalised_loss(tok_loss, supervised, tcfg.loss_normalizer, step_tokens, len(global_batch))
+                    tok_loss, rows = model(ids, mask, labels)
+                loss = normalised_loss(tok_loss, rows, len(mb), tcfg.loss_normalizer, step_tokens, len(global_batch))
                 (loss * world).backward()
             local[0] += loss.detach().double().cpu()
             local[1] += mask.sum().item()

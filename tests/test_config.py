@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from cwt_ray.config import UserError, load_config, parse_overrides
+from conftest import ROOT
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def test_configs_in_repo_validate():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.name and cfg.methods
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(QUICKSTART, ["train.lr=3e-4", "methods=[cwt]", "chunk.num_chunks=5", "stages.chunk_marker="])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.methods == ["cwt"]
+    assert cfg.chunk.num_chunks == 5
+    assert cfg.stages.chunk_marker == ""
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lr=oops", "'train.lr'"),
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("chunk.heuristic=magic", "'chunk.heuristic'"),
+    ("methods=[std_cot, foo]", "'methods.1'"),
+    ("task.answer_template=no-slot", "'task.answer_template'"),
+    ("train.batch_size=6", "multiple of train.micro_batch_size"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(UserError) as err:
+        load_config(QUICKSTART, [override])
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(UserError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_malformed_override():
+    with pytest.raises(UserError, match="expected key.sub=value"):
+        parse_overrides(["train.lr"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([str(QUICKSTART), "train.lr=oops"], "train.lr"),
+    ([str(QUICKSTART), "train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["configs/does-not-exist.yaml"], "configs/does-not-exist.yaml"),
+])
+def test_cli_user_errors_exit_2_with_one_line(args, needle):
+    proc = subprocess.run([sys.executable, "-m", "cwt_ray.cli", "run", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_for_every_command():
+    for cmd in ([], ["run"], ["chunk"], ["train"], ["eval"], ["report"]):
+        proc = subprocess.run([sys.executable, "-m", "cwt_ray.cli", *cmd, "--help"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+        assert proc.returncode == 0 and "usage: cwt-ray" in proc.stdout

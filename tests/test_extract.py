@@ -1,0 +1,45 @@
+import pytest
+
+from cwt_ray.extract import get_extractor, parse_number
+
+EX = get_extractor("number", "#### {answer}")
+
+
+@pytest.mark.parametrize("text, answer, formatted", [
+    ("She has 5 apples.\n#### 72", "72", True),
+    ("#### 1,234", "1234", True),
+    ("#### $5.50", "5.5", True),
+    ("#### -3", "-3", True),
+    ("#### 0.25", "0.25", True),
+    ("#### .5", "0.5", True),
+    ("#### 18 dollars", "18", True),
+    ("#### 72.", "72", True),
+    ("so 3 + 4 = 7. The answer is 7.", "7", False),
+    ("The answer is: $1,000", "1000", False),
+    ("first 3 then 12 = 12", "12", False),
+    ("no number here", None, False),
+    ("#### 72\nand later #### 5", "72", True),
+    ("3.5 hours then 2.5 more makes 6", "6", False),
+])
+def test_number_extraction(text, answer, formatted):
+    got = EX.extract(text)
+    assert got.answer == answer
+    assert got.formatted == formatted
+
+
+def test_gold_normalisation_and_correctness():
+    assert EX.normalize_gold("72.0") == "72"
+    assert EX.normalize_gold("$1,200") == "1200"
+    assert EX.normalize_gold("n/a") is None
+    assert EX.is_correct("72", "72") and not EX.is_correct(None, "72") and not EX.is_correct("71", "72")
+
+
+def test_contains_answer_sees_numbers_not_digits():
+    assert EX.contains("total is 1,234 apples", "1234")
+    assert not EX.contains("total is 11234", "1234")
+    assert EX.contains("she paid $5.50", "5.5")
+
+
+def test_parse_number_edge_cases():
+    assert str(parse_number("-7 degrees")) == "-7"
+    assert parse_number("abc") is None
