@@ -133,7 +133,9 @@ def chunk_split(records_path: Path, out_dir: Path, tokenizer_path: str, cfg: Chu
 
     import ray.data
 
-    ds = ray.data.read_parquet(str(records_path))
+    # Read before the actor pool starts, and write with zero-CPU tasks: the pool may hold every
+    # CPU of a small cluster, and tasks queued behind it would wait forever.
+    ds = ray.data.read_parquet(str(records_path)).materialize()
     chunked = ds.map_batches(
         AverageChunker,
         fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "chunk_cfg": cfg.model_dump()},
@@ -143,7 +145,7 @@ def chunk_split(records_path: Path, out_dir: Path, tokenizer_path: str, cfg: Chu
     )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    chunked.write_parquet(str(tmp))
+    chunked.write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)   # a crash mid-write never leaves a half folder under the final name
     return read_chunks(out_dir).num_rows

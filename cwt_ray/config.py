@@ -144,6 +144,7 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1, description="Ray Data generation actors.")
     cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per generation actor (fractions allowed).")
     limit: Optional[int] = Field(None, ge=1, description="Evaluate only the first N questions of the split.")
 
 

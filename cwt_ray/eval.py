@@ -104,9 +104,12 @@ def evaluate_method(cfg: ExperimentConfig, method: str, run_dir: Path) -> dict:
     import ray.data
 
     ecfg = cfg.eval
+    # Read before the actor pool starts: on a small cluster the pool may hold every CPU, and read
+    # tasks queued behind it would wait forever.
     ds = ray.data.read_parquet(str(run_dir / "data" / f"{ecfg.split}.parquet"))
     if ecfg.limit:
         ds = ds.limit(ecfg.limit)
+    ds = ds.materialize()
     out_dir = run_dir / "evals" / method
     tmp = out_dir.with_name(method + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -115,11 +118,14 @@ def evaluate_method(cfg: ExperimentConfig, method: str, run_dir: Path) -> dict:
         Generator,
         fn_constructor_kwargs={"student_dir": str(run_dir / "students" / method), "method": method,
                                "cfg": cfg.model_dump(mode="json"), "num_threads": int(ecfg.cpus_per_actor)},
-        batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.concurrency), num_cpus=ecfg.cpus_per_actor,
-        batch_format="pyarrow",
+        batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.concurrency),
+        num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor or None, batch_format="pyarrow",
     )
-    records.write_parquet(str(tmp / "records"))
-    table = pq.read_table(str(tmp / "records"), schema=RECORD_SCHEMA).sort_by("id")
+    # One small row per question: collected on the driver, written once.
+    batches = list(records.iter_batches(batch_format="pyarrow", batch_size=None))
+    table = pa.concat_tables(batches).cast(RECORD_SCHEMA).sort_by("id") if batches else RECORD_SCHEMA.empty_table()
+    (tmp / "records").mkdir(parents=True)
+    pq.write_table(table, tmp / "records" / "records.parquet")
     metrics = metrics_of(table, cfg)
     metrics["eval_wall_s"] = time.perf_counter() - t0
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
