@@ -155,6 +155,13 @@ class RayConfig(_Strict):
                                                        "which Ray Train polls, needs it.")
 
 
+class DebugConfig(_Strict):
+    """Fault injection for tests of recovery; never part of a stage's fingerprint."""
+    kill_at_step: Optional[int] = Field(
+        None, ge=1, description="SIGKILL training rank 0 just before this optimizer step, unless the attempt "
+                                "resumed from a checkpoint (so the retry can finish).")
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = "./runs"
@@ -168,6 +175,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @field_validator("methods")
     @classmethod

@@ -143,12 +143,23 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
             continue
         if method == "cwt":
             state.require("chunk", "cwt-ray chunk CONFIG")
-        # A stale Ray Train folder from another config must not be resumed from.
-        shutil.rmtree(run_dir / "ray" / f"train-{method}", ignore_errors=True)
+        prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force)
         metrics = train_method(cfg, method, run_dir, resolve_student(cfg.student), student_info(cfg, method))
         print(f"[train {method}] done: {metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> "
               f"{metrics['final_loss']:.3f}, {metrics['processed_tokens_per_s']:.0f} tok/s", flush=True)
         state.mark(key)
+
+
+def prepare_train_storage(run_dir: Path, method: str, fingerprint: str, fresh: bool) -> None:
+    """Ray Train resumes a run from the latest checkpoint under (storage_path, name). Keep that
+    folder when an interrupted attempt with the same config left it; clear it when the config
+    changed or a fresh start was asked for, so a stale checkpoint is never resumed."""
+    storage = run_dir / "ray" / f"train-{method}"
+    stamp = run_dir / "ray" / f"train-{method}.fingerprint"
+    if fresh or not stamp.is_file() or stamp.read_text() != fingerprint:
+        shutil.rmtree(storage, ignore_errors=True)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
 
 
 def _stage_eval(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str]) -> None:

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -178,8 +179,9 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
             state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            if "optimizer" in state:   # the final checkpoint keeps only its step
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
             start_step = int(state["step"])
             log_rows = [json.loads(line) for line in Path(d, TRAIN_LOG).read_text().splitlines()]
         if rank == 0:
@@ -199,10 +201,11 @@ def train_loop_per_worker(config: dict) -> None:
             tokenizer.save_pretrained(d)
             write_student_json(Path(d), config["student_info"])
             Path(d, TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in log_rows))
-            if not final:
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                           os.path.join(d, "train_state.pt"))
-            else:
+            state = {"step": step}
+            if not final:   # the final student needs no optimizer state (twice the model's size)
+                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            torch.save(state, os.path.join(d, "train_state.pt"))
+            if final:
                 Path(d, TRAIN_METRICS).write_text(json.dumps(summary(log_rows, len(samples), dropped, world), indent=2))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -212,6 +215,9 @@ def train_loop_per_worker(config: dict) -> None:
     model.train()
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):
+        if cfg.debug.kill_at_step == step + 1 and rank == 0 and not checkpoint:
+            log.info(f"[train {method}] debug.kill_at_step: killing this worker before step {step + 1}")
+            os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
         epoch = step // steps_per_epoch
         global_batch = step_batches(len(samples), tcfg.batch_size, tcfg.seed, epoch)[step % steps_per_epoch]
