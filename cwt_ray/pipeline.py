@@ -116,18 +116,27 @@ def _stage_data(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bo
 
 
 def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool) -> None:
-    from .chunk import chunk_split, read_chunks
+    from .chunk import chunk_split
     from .student import resolve_student
 
     if state.is_done("chunk") and not force:
         print("[chunk] up to date, skipped", flush=True)
         return
     t0 = time.perf_counter()
-    n = chunk_split(run_dir / "data" / "train.parquet", run_dir / "chunks" / "train",
-                    str(resolve_student(cfg.student)), cfg.chunk)
-    sizes = read_chunks(run_dir / "chunks" / "train").column("num_chunks").to_pylist()
-    print(f"[chunk] {n} rationales -> {sum(sizes)} chunks ({cfg.chunk.heuristic}, K<={cfg.chunk.num_chunks}) "
-          f"in {time.perf_counter() - t0:.1f}s -> {run_dir / 'chunks' / 'train'}", flush=True)
+    student = resolve_student(cfg.student)
+    scorer = None
+    if cfg.chunk.heuristic == "sbc":
+        scorer = Path(cfg.chunk.sbc_student).expanduser() if cfg.chunk.sbc_student else student
+        if not (scorer / "config.json").is_file():
+            raise UserError(f"chunk.sbc_student: {cfg.chunk.sbc_student!r} is not a student folder (no config.json)")
+    out = run_dir / "chunks" / "train"
+    s = chunk_split(run_dir / "data" / "train.parquet", out, cfg, str(student), str(scorer) if scorer else None)
+    extra = ""
+    if "sbc" in s:
+        extra = (f"; sbc: mean chunk loss {s['sbc']['mean_loss_before']:.4f} -> {s['sbc']['mean_loss_after']:.4f}, "
+                 f"{s['sbc']['moves']} moves, {s['sbc']['candidates_scored']} candidates scored")
+    print(f"[chunk] {s['chunked']} rationales -> {s['chunks']} chunks ({cfg.chunk.heuristic}, K<={cfg.chunk.num_chunks}), "
+          f"{s['rejected']} rejected, {time.perf_counter() - t0:.1f}s{extra}\n[chunk] view: {out / 'view.html'}", flush=True)
     state.mark("chunk")
 
 

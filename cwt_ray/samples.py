@@ -93,6 +93,23 @@ class SampleBuilder:
             samples.append(self._sample(record["id"], ANSWER_STAGE, context + [(self.answer(record["answer"]), True)], eos=True))
         return samples
 
+    def stage_sequence(self, record: dict, chunks: list[str]) -> tuple[list[int], list[int]]:
+        """The full chunk-wise sequence and, for each token, the chunk stage whose target it belongs
+        to (1..K; 0 for context, K+1 for the answer stage). Token for token the concatenation of
+        the CWT samples' pieces, so a chunk's loss here equals its loss in its own sample."""
+        k = len(chunks)
+        texts = list(chunks[:-1]) + [chunks[-1] + "\n"]
+        pieces = [(self.prompt(record["question"]), 0), (self.marker(1), 0)]
+        for i, chunk in enumerate(texts, start=1):
+            pieces += [(chunk, i), (self.answer_marker if i == k else self.marker(i + 1), i)]
+        pieces.append((self.answer(record["answer"]), k + 1))
+        ids, stages = [], []
+        for text, stage in pieces:
+            piece = self.ids(text)
+            ids += piece
+            stages += [stage] * len(piece)
+        return ids + [self.tok.eos_token_id], stages + [k + 1]
+
     def inference_prefix(self, question: str, method: str) -> list[int]:
         """Token ids a student of `method` continues from at evaluation (same pieces as training)."""
         ids = self.ids(self.prompt(question))

@@ -131,6 +131,7 @@ def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer):
     if method == "cwt":
         table = read_chunks(run_dir / "chunks" / "train")
         chunks = dict(zip(table.column("id").to_pylist(), table.column("chunks").to_pylist()))
+        records = [r for r in records if r["id"] in chunks]   # rationales the chunk stage rejected
     return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks)
 
 

@@ -1,10 +1,14 @@
 import itertools
 import random
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
-from cwt_ray.chunk import average_chunks, balanced_partition, step_boundaries
-from cwt_ray.config import ChunkConfig
+from cwt_ray.chunk import (CHUNK_SCHEMA, Chunker, balanced_partition, candidate_moves, coherent_partition,
+                           resolve_embedding_model, sbc_search, split_steps, step_boundaries, threshold_partition)
+from cwt_ray.config import ChunkConfig, UserError, load_config
+from conftest import ROOT
 
 GSM = ("Let's solve this step by step:\n\n1. Initial amounts:\n   • John has 35 apple\n"
        "   • He has 3 times as many kiwi, so 35 × 3 = 105 kiwi. That is 3.5 times less apple.\n\n"
@@ -12,61 +16,148 @@ GSM = ("Let's solve this step by step:\n\n1. Initial amounts:\n   • John has 3
 
 
 def _steps(text, unit):
-    ends = step_boundaries(text, unit)
-    return [text[a:b] for a, b in zip([0] + ends[:-1], ends)]
+    return split_steps(text, unit)[1]
 
 
 @pytest.mark.parametrize("unit", ["line", "sentence"])
-def test_steps_tile_the_rationale(unit):
-    steps = _steps(GSM, unit)
-    assert "".join(steps) == GSM
-    assert all(steps)
+@pytest.mark.parametrize("text", [GSM, "one step only", "\n\nleading blank. Then text.\n\n\n", "Ünïcödé → 5 € só. 日本語。\nx = 2."])
+def test_steps_tile_the_rationale_without_blank_steps(unit, text):
+    steps = _steps(text, unit)
+    assert "".join(steps) == text
+    assert all(s.strip() for s in steps)
 
 
 def test_sentences_keep_list_markers_and_decimals():
     steps = _steps(GSM, "sentence")
-    assert "1. Initial amounts:\n" in steps            # '1.' is a list marker, not a sentence end
+    assert "1. Initial amounts:\n" in steps             # '1.' is a list marker, not a sentence end
     assert not any(s.endswith("3.") for s in steps)     # '3.5' is a number
     assert any(s.endswith("kiwi. ") for s in steps)     # a real sentence end inside a line
+    assert "Let's solve this step by step:\n\n" in steps  # the empty line joins the step before
 
 
-def _brute_force(lengths, k):
-    n, mean = len(lengths), sum(lengths) / k
+def _brute(n, k, cost):
     best = None
     for cuts in itertools.combinations(range(1, n), k - 1):
         ends = list(cuts) + [n]
-        starts = [0] + list(cuts)
-        cost = sum((sum(lengths[a:b]) - mean) ** 2 for a, b in zip(starts, ends))
-        if best is None or cost < best[0] - 1e-9:
-            best = (cost, ends)
-    return best[0]
+        c = sum(cost(a, b) for a, b in zip([0] + list(cuts), ends))
+        best = c if best is None else min(best, c)
+    return best
 
 
 def test_balanced_partition_is_optimal():
     rng = random.Random(0)
-    for _ in range(200):
+    for _ in range(100):
         lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 9))]
         k = rng.randint(1, len(lengths))
         ends = balanced_partition(lengths, k)
         assert len(ends) == k and ends[-1] == len(lengths) and ends == sorted(set(ends))
-        starts = [0] + ends[:-1]
         mean = sum(lengths) / k
-        cost = sum((sum(lengths[a:b]) - mean) ** 2 for a, b in zip(starts, ends))
-        assert cost == pytest.approx(_brute_force(lengths, k))
+        cost = lambda a, b: (sum(lengths[a:b]) - mean) ** 2  # noqa: E731
+        assert sum(cost(a, b) for a, b in zip([0] + ends[:-1], ends)) == pytest.approx(_brute(len(lengths), k, cost))
 
 
-def test_average_chunks_lossless_and_bounded():
-    words = lambda s: len(s.split())  # noqa: E731  (any token counter works)
-    for k in (1, 2, 3, 50):
-        out = average_chunks(GSM, words, ChunkConfig(num_chunks=k))
-        assert "".join(out["chunks"]) == GSM
-        assert out["boundaries"][0] == 0 and out["boundaries"][-1] == len(GSM)
-        assert out["num_chunks"] == min(k, len(_steps(GSM, "sentence")))
-        assert [GSM[a:b] for a, b in zip(out["boundaries"], out["boundaries"][1:])] == out["chunks"]
+def test_coherent_partition_is_optimal_and_finds_topic_change():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 8))
+        emb = rng.normal(size=(n, 5))
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        k = int(rng.integers(1, n + 1))
+        ends = coherent_partition(emb, k)
+        cost = lambda a, b: float(((emb[a:b] - emb[a:b].mean(0)) ** 2).sum())  # noqa: E731
+        assert sum(cost(a, b) for a, b in zip([0] + ends[:-1], ends)) == pytest.approx(_brute(n, len(ends), cost))
+    two_topics = np.array([[1, 0], [0.95, 0.31], [0.98, 0.2], [0, 1], [0.1, 0.99]], dtype=float)
+    assert coherent_partition(two_topics / np.linalg.norm(two_topics, axis=1, keepdims=True), 2) == [3, 5]
 
 
-def test_target_chunk_tokens_derives_k():
-    words = lambda s: len(s.split())  # noqa: E731
-    total = words(GSM)
-    out = average_chunks(GSM, words, ChunkConfig(num_chunks=10, target_chunk_tokens=total // 2 + 1))
-    assert out["num_chunks"] == 2
+def test_threshold_partition_cuts_where_similarity_drops():
+    emb = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [1, 0]], dtype=float)
+    assert threshold_partition(emb, 0.5, k=10) == [2, 4, 5]
+    assert threshold_partition(emb, 0.5, k=2) == [2, 5]       # at most K chunks: the weakest cut wins ties by order
+    assert threshold_partition(emb, -0.5, k=10) == [5]
+
+
+def test_candidate_moves_keep_k_and_stay_valid():
+    groups = [2, 5, 8]
+    shifts = candidate_moves(groups, 0, "shift")
+    assert sorted(shifts) == [[1, 5, 8], [3, 5, 8]]
+    both = candidate_moves(groups, 0, "shift_merge_split")
+    assert all(len(c) == 3 and c[-1] == 8 and c == sorted(set(c)) and c[0] > 0 for c in both)
+    assert [5, 6, 8] in both and [3, 5, 8] in both            # merge chunks 1+2, split chunk 3 at step 6
+    assert len(both) == 5                                     # cut can move to 1,3,4,6,7 (5 is taken)
+
+
+def _scripted(target):
+    """A scorer whose best boundary set is known: distance of the cuts from `target`."""
+    calls = []
+
+    def score(cands):
+        calls.append(len(cands))
+        return [float(sum(abs(a - b) for a, b in zip(c, target))) for c in cands]
+    return score, calls
+
+
+def test_sbc_search_reaches_the_known_optimum():
+    score, calls = _scripted([4, 6, 8])
+    out = sbc_search([2, 3, 8], score, ChunkConfig(sbc_max_passes=10, sbc_max_moves=20))
+    assert out["groups"] == [4, 6, 8] and out["loss_after"] == 0 and out["loss_before"] == 5
+    assert out["candidates_scored"] == 1 + sum(calls[1:]) and len(calls) > 1   # batched: one call per boundary
+
+
+def test_sbc_tau_and_move_limits():
+    score, _ = _scripted([4, 6, 8])
+    assert sbc_search([2, 3, 8], score, ChunkConfig(sbc_tau=10.0))["moves"] == 0
+    assert sbc_search([2, 3, 8], score, ChunkConfig(sbc_max_moves=1))["moves"] == 1
+
+
+def test_shift_only_search_is_slower_than_merge_split():
+    """Shifts move a cut one step at a time; merge-split can relocate it in one move."""
+    score, _ = _scripted([7, 8])
+    cfg = dict(sbc_max_passes=1, sbc_max_moves=1)
+    shift = sbc_search([1, 8], score, ChunkConfig(sbc_moves="shift", **cfg))
+    jump = sbc_search([1, 8], score, ChunkConfig(sbc_moves="shift_merge_split", **cfg))
+    assert shift["groups"] == [2, 8] and jump["groups"] == [7, 8]
+
+
+def test_bad_embedding_model_and_k_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="chunk.embedding_model"):
+        resolve_embedding_model(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="'chunk.num_chunks'"):
+        load_config(ROOT / "configs" / "smoke.yaml", ["chunk.num_chunks=0"])
+
+
+def _chunker(tiny_student, *overrides, student=False):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", list(overrides))
+    emb = resolve_embedding_model(cfg.chunk.embedding_model) if "semantic" in overrides[0] else None
+    return Chunker(cfg.model_dump(mode="json"), str(tiny_student), emb, str(tiny_student) if student else None)
+
+
+ROWS = [
+    {"id": "a", "question": "q?", "rationale": GSM, "answer": "288"},
+    {"id": "b", "question": "q?", "rationale": "one step only", "answer": "1"},
+    {"id": "c", "question": "q?", "rationale": "The oven bakes bread. Flour and yeast make dough. "
+     "Stars shine in the night sky. Planets orbit the sun.", "answer": "2"},
+    {"id": "bad", "question": "q?", "rationale": None, "answer": "3"},
+]
+
+
+@pytest.mark.parametrize("heuristic", ["chunk.heuristic=average", "chunk.heuristic=semantic", "chunk.heuristic=sbc"])
+def test_chunker_is_lossless_deterministic_and_rejects_bad_rows(tiny_student, heuristic):
+    chunker = _chunker(tiny_student, heuristic, "chunk.num_chunks=2", student=heuristic.endswith("sbc"))
+    table = pa.Table.from_pylist(ROWS)
+    out = chunker(table).to_pylist()
+    assert chunker(table).to_pylist() == out
+    by_id = {r["id"]: r for r in out}
+    assert by_id["bad"]["chunks"] is None and "cannot be chunked" in by_id["bad"]["note"]
+    for row in ROWS[:3]:
+        got = by_id[row["id"]]
+        assert "".join(got["chunks"]) == row["rationale"]
+        assert got["boundaries"][0] == 0 and got["boundaries"][-1] == len(row["rationale"])
+    assert by_id["b"]["num_chunks"] == 1
+    if heuristic.endswith("semantic"):
+        assert by_id["c"]["chunks"][1].startswith("Stars")   # MiniLM sees the topic change
+        assert len(by_id["c"]["boundary_scores"]) == 1
+    if heuristic.endswith("sbc"):
+        assert by_id["a"]["loss_after"] <= by_id["a"]["loss_before"]
+        assert by_id["a"]["candidates_scored"] > 1
+    assert pa.Table.from_pylist(out, schema=CHUNK_SCHEMA).num_rows == 4

@@ -99,3 +99,24 @@ def test_killed_worker_resumes_from_checkpoint_with_the_same_losses(ray_cluster,
     reference = _losses(clean.run_dir, "std_cot")
     assert len(reference) == 12
     assert _losses(killed.run_dir, "std_cot") == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("heuristic", ["semantic", "sbc"])
+def test_chunk_stage_on_ray_data_writes_chunks_summary_view_and_rejects(ray_cluster, smoke_cfg, heuristic):
+    cfg = smoke_cfg(f"name=chunk-{heuristic}", f"chunk.heuristic={heuristic}", "chunk.batch_size=8")
+    run_stages(cfg, stages=("data", "chunk"))
+    out = cfg.run_dir / "chunks" / "train"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heuristic"] == heuristic
+    assert summary["rows_in"] == summary["chunked"] + summary["rejected"] == 32
+    rationales = {r["id"]: r["rationale"] for r in pq.read_table(cfg.run_dir / "data" / "train.parquet").to_pylist()}
+    chunks = read_chunks(out).to_pylist()
+    assert all("".join(c["chunks"]) == rationales[c["id"]] for c in chunks)
+    assert pq.read_table(out / "rejects.parquet").num_rows == summary["rejected"]
+    page = (out / "view.html").read_text()
+    assert page.startswith("<!doctype html>") and "http" not in page and chunks[0]["id"] in page
+    if heuristic == "sbc":
+        assert summary["sbc"]["mean_loss_after"] <= summary["sbc"]["mean_loss_before"]
+        assert summary["sbc"]["candidates_scored"] > summary["sbc"]["searched"]
+    else:
+        assert all(len(c["boundary_scores"]) == c["num_chunks"] - 1 for c in chunks)

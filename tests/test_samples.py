@@ -54,3 +54,14 @@ def test_too_long_samples_are_dropped_and_counted(tokenizer):
     b = builder(tokenizer, "student.max_length=20")
     kept, dropped = build_samples(b, "std_cot", [RECORD], {})
     assert kept == [] and dropped == 1
+
+
+def test_stage_sequence_matches_the_cwt_samples(tokenizer):
+    b = builder(tokenizer)
+    chunks = ["Tom starts with 3 apples.\n", "He buys 4 more, so 3 + 4 = 7."]
+    ids, stages = b.stage_sequence(RECORD, chunks)
+    samples = b.cwt(RECORD, chunks)
+    assert ids == samples[-1].input_ids
+    for s in samples[:-1]:   # chunk stage i: its supervised tokens are exactly the tokens tagged i
+        target = [t for t in s.labels if t != IGNORE]
+        assert target == [t for t, st in zip(ids, stages) if st == s.stage]
