@@ -60,13 +60,13 @@ def main() -> None:
         samples += builder.cwt({"id": str(i), "question": item["question"], "rationale": rationale,
                                 "answer": item["answer"]}, chunks)
     batch = samples[: args.batch]
-    ids, labels, mask = collate(batch, tok.pad_token_id)
+    ids, labels, groups, mask = collate(batch, tok.pad_token_id)
     lm = load_model(path)
     ours = SupervisedLoss(lm)
 
     with torch.no_grad():
         a = full_head_loss(lm, ids, mask, labels).sum().item()
-        b = ours(ids, mask, labels)[0].sum().item()
+        b = ours(ids, mask, labels, groups)[0].sum().item()
     assert abs(a - b) <= 1e-4 * abs(a), (a, b)
 
     def step(fn) -> float:
@@ -77,11 +77,11 @@ def main() -> None:
         loss.sum().backward()
         return time.perf_counter() - t0
 
-    step(lambda: ours(ids, mask, labels)[0])   # warm-up
+    step(lambda: ours(ids, mask, labels, groups)[0])   # warm-up
     times = {"full_head": [], "supervised_head": []}
     for _ in range(args.repeats):
         times["full_head"].append(step(lambda: full_head_loss(lm, ids, mask, labels)))
-        times["supervised_head"].append(step(lambda: ours(ids, mask, labels)[0]))
+        times["supervised_head"].append(step(lambda: ours(ids, mask, labels, groups)[0]))
     tokens = int(mask.sum())
     supervised = int((labels != IGNORE).sum())
     rows = {k: {"median_s": statistics.median(v), "tokens_per_s": tokens / statistics.median(v)} for k, v in times.items()}

@@ -340,14 +340,19 @@ def chunk_split(records_path: Path, out_dir: Path, cfg, tokenizer_path: str, stu
         student_path = None
     # Read before the actor pool starts, and write with zero-CPU tasks: the pool may hold every
     # CPU of a small cluster, and tasks queued behind it would wait forever.
+    gpus = ccfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and ccfg.heuristic != "average" else 0.0
     ds = ray.data.read_parquet(str(records_path)).materialize()
     rows_in = ds.count()
+    # An actor works through a block's batches alone: one block per batch lets every actor help.
+    ds = ds.repartition(max(1, math.ceil(rows_in / ccfg.batch_size))).materialize()
     chunked = ds.map_batches(
         Chunker,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "tokenizer_path": tokenizer_path,
                                "embedding_path": embedding_path, "student_path": student_path},
         batch_size=ccfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ccfg.concurrency),
-        num_cpus=ccfg.cpus_per_actor, num_gpus=ccfg.gpus_per_actor or None, batch_format="pyarrow",
+        num_cpus=ccfg.cpus_per_actor, num_gpus=gpus or None, batch_format="pyarrow",
     )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -118,7 +118,9 @@ class ChunkConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="Rationales per Ray Data batch.")
     concurrency: int = Field(1, ge=1, description="Ray Data chunking actors.")
     cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPU share per actor (semantic encoder / SBC student).")
+    gpus_per_actor: Optional[float] = Field(
+        None, ge=0, description="GPU share per actor (semantic encoder / SBC student; fractions allowed). "
+                                "None: one GPU per actor when the cluster has GPUs, else none.")
     view_samples: int = Field(30, ge=0, description="Rationales shown in chunks/view.html.")
 
 
@@ -140,11 +142,18 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    loss_normalizer: Literal["token", "sample"] = Field(
+    loss_normalizer: Literal["token", "sample", "chunk"] = Field(
         "token", description="'token': sum of token losses / supervised tokens of the whole optimizer step; "
-                             "'sample': mean over each sample's target tokens, then mean over samples.")
-    cwt_schedule: Literal["shuffle"] = Field(
-        "shuffle", description="'shuffle': every chunk sample of every rationale shuffled together.")
+                             "'sample': mean over each sample's target tokens, then mean over samples; "
+                             "'chunk': mean over each target chunk's tokens, then mean over the step's chunks.")
+    cwt_schedule: Literal["shuffle", "per_rationale", "single_pass"] = Field(
+        "shuffle", description="'shuffle': every chunk sample of every rationale shuffled together; "
+                               "'per_rationale': a step holds at most one chunk of a rationale (rounds over "
+                               "rationales); 'single_pass': all chunks of a rationale in one forward pass, "
+                               "each chunk its own target (use with loss_normalizer=chunk).")
+    bucket_factor: int = Field(
+        16, ge=0, description="Length bucketing: sort each window of bucket_factor x batch_size samples by "
+                              "length before cutting steps, then shuffle the steps (0 = off). Less padding.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast with fp32 master weights.")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

@@ -8,6 +8,7 @@ answer appears anywhere (`contains_answer`), whether the answer was given in the
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -109,7 +110,8 @@ def evaluate_method(cfg: ExperimentConfig, method: str, run_dir: Path) -> dict:
     ds = ray.data.read_parquet(str(run_dir / "data" / f"{ecfg.split}.parquet"))
     if ecfg.limit:
         ds = ds.limit(ecfg.limit)
-    ds = ds.materialize()
+    # An actor works through a block's batches alone: one block per batch lets every actor help.
+    ds = ds.repartition(max(1, math.ceil(ds.count() / ecfg.batch_size))).materialize()
     out_dir = run_dir / "evals" / method
     tmp = out_dir.with_name(method + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -125,10 +125,8 @@ def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
     t0 = time.perf_counter()
     student = resolve_student(cfg.student)
     scorer = None
-    if cfg.chunk.heuristic == "sbc":
+    if cfg.chunk.heuristic == "sbc":   # paths were checked in preflight
         scorer = Path(cfg.chunk.sbc_student).expanduser() if cfg.chunk.sbc_student else student
-        if not (scorer / "config.json").is_file():
-            raise UserError(f"chunk.sbc_student: {cfg.chunk.sbc_student!r} is not a student folder (no config.json)")
     out = run_dir / "chunks" / "train"
     s = chunk_split(run_dir / "data" / "train.parquet", out, cfg, str(student), str(scorer) if scorer else None)
     extra = ""
@@ -184,6 +182,28 @@ def _stage_eval(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bo
         state.mark(key)
 
 
+def preflight(cfg: ExperimentConfig, stages: tuple[str, ...]) -> None:
+    """Check the paths a user named before any cluster starts, so a typo costs one line, not a
+    Ray start-up and a traceback."""
+    from .chunk import resolve_embedding_model
+
+    if "data" in stages and cfg.data.source == "jsonl":
+        for key in ("train_path", "validation_path", "test_path"):
+            path = getattr(cfg.data, key)
+            if path and not Path(path).expanduser().is_file():
+                raise UserError(f"data.{key}: file not found: {path}")
+    if "chunk" in stages and "cwt" in cfg.methods:
+        ccfg = cfg.chunk
+        if ccfg.heuristic == "semantic" or (ccfg.heuristic == "sbc" and ccfg.sbc_init == "semantic"):
+            resolve_embedding_model(ccfg.embedding_model)
+        if ccfg.heuristic == "sbc" and ccfg.sbc_student and not (Path(ccfg.sbc_student).expanduser() / "config.json").is_file():
+            raise UserError(f"chunk.sbc_student: {ccfg.sbc_student!r} is not a student folder (no config.json)")
+    builtin = cfg.student.name in ("smollm2-135m", "tiny-llama")
+    if not builtin and not (Path(cfg.student.name).expanduser() / "config.json").is_file():
+        raise UserError(f"student.name: {cfg.student.name!r} is neither a built-in (smollm2-135m, tiny-llama) "
+                        f"nor a folder with a config.json")
+
+
 def prepare_run_dir(cfg: ExperimentConfig, overwrite: bool) -> Path:
     run_dir = cfg.run_dir
     if overwrite and run_dir.exists():
@@ -202,6 +222,7 @@ def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: t
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise UserError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    preflight(cfg, stages)
     run_dir = prepare_run_dir(cfg, overwrite)
     state = RunState(run_dir, cfg)
     needs_ray = any(s in stages for s in ("chunk", "train", "eval"))

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from .config import ExperimentConfig
 
 IGNORE = -100
-ANSWER_STAGE = 0   # stage id of the answer-stage sample; chunk stages are 1..K; std_cot is -1
-FULL = -1
+ANSWER_STAGE = 0   # stage id of the answer-stage sample; chunk stages are 1..K
+FULL = -1          # a Std-CoT sample
+SINGLE_PASS = -2   # a CWT rationale with all its stages in one sequence
 
 
 @dataclass
@@ -28,10 +29,20 @@ class Sample:
     stage: int
     input_ids: list[int]
     labels: list[int]
+    # Target group of each token (1..G; 0 where unsupervised). A group is what the `chunk` loss
+    # normaliser averages over: one per sample, except single-pass samples (one per stage).
+    groups: list[int] | None = None
 
     @property
     def supervised(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
+
+    @property
+    def num_groups(self) -> int:
+        return len({g for g in self.groups if g}) if self.groups else 1
+
+    def token_groups(self) -> list[int]:
+        return self.groups if self.groups else [int(t != IGNORE) for t in self.labels]
 
 
 class SampleBuilder:
@@ -102,13 +113,21 @@ class SampleBuilder:
         pieces = [(self.prompt(record["question"]), 0), (self.marker(1), 0)]
         for i, chunk in enumerate(texts, start=1):
             pieces += [(chunk, i), (self.answer_marker if i == k else self.marker(i + 1), i)]
-        pieces.append((self.answer(record["answer"]), k + 1))
+        # With the answer kept with the last chunk, the answer belongs to chunk K's target.
+        answer_stage = k if self.answer_stage == "with_last_chunk" else k + 1
+        pieces.append((self.answer(record["answer"]), answer_stage))
         ids, stages = [], []
         for text, stage in pieces:
             piece = self.ids(text)
             ids += piece
             stages += [stage] * len(piece)
-        return ids + [self.tok.eos_token_id], stages + [k + 1]
+        return ids + [self.tok.eos_token_id], stages + [answer_stage]
+
+    def single_pass(self, record: dict, chunks: list[str]) -> Sample:
+        """All stages of a rationale in one sequence, each stage its own target group."""
+        ids, stages = self.stage_sequence(record, chunks)
+        labels = [t if st else IGNORE for t, st in zip(ids, stages)]
+        return Sample(record["id"], SINGLE_PASS, ids, labels, stages)
 
     def inference_prefix(self, question: str, method: str) -> list[int]:
         """Token ids a student of `method` continues from at evaluation (same pieces as training)."""
@@ -116,12 +135,15 @@ class SampleBuilder:
         return ids + self.ids(self.marker(1)) if method == "cwt" else list(ids)
 
 
-def build_samples(builder: SampleBuilder, method: str, records: list[dict], chunks_by_id: dict[str, list[str]]):
+def build_samples(builder: SampleBuilder, method: str, records: list[dict], chunks_by_id: dict[str, list[str]],
+                  schedule: str = "shuffle"):
     """All samples of a method, and how many were dropped for exceeding student.max_length."""
     samples: list[Sample] = []
     for record in records:
         if method == "std_cot":
             samples += builder.std_cot(record)
+        elif schedule == "single_pass":
+            samples.append(builder.single_pass(record, chunks_by_id[record["id"]]))
         else:
             samples += builder.cwt(record, chunks_by_id[record["id"]])
     kept = [s for s in samples if len(s.input_ids) <= builder.max_length and s.supervised > 0]

@@ -26,22 +26,51 @@ import torch
 import torch.nn.functional as F
 
 from .config import ExperimentConfig
+from .samples import IGNORE, Sample
 
 # Ray forwards a worker's print() twice under Train V2; a logger's records come through once.
 log = logging.getLogger("cwt_ray.train")
 log.setLevel(logging.INFO)
-from .samples import IGNORE, Sample
 
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_METRICS = "train_metrics.json"
 
 
-def step_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Sample indices of each optimizer step of one epoch: a seeded shuffle, the tail dropped
-    (a partial step would have a different normaliser and could not split over workers)."""
-    order = list(range(num_samples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
+def epoch_steps(samples: list[Sample], batch_size: int, seed: int, epoch: int, schedule: str,
+                bucket_factor: int) -> list[list[int]]:
+    """Sample indices of each optimizer step of one epoch. Every worker computes the same list.
+
+    Seeded shuffle; with `per_rationale`, rounds over the rationales (round r holds each
+    rationale's r-th stage, stages in a random order), so a step holds at most one chunk of a
+    rationale (except where a step straddles two rounds). Length bucketing sorts windows of
+    bucket_factor x batch_size samples by length before cutting steps, then shuffles the steps.
+    The tail that does not fill a step is dropped: a partial step would have a different
+    normaliser and could not split evenly over workers; its samples come back in other epochs.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if schedule == "per_rationale":
+        by_rationale: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            by_rationale.setdefault(s.rationale_id, []).append(i)
+        rationales = sorted(by_rationale)
+        rng.shuffle(rationales)
+        for r in rationales:
+            rng.shuffle(by_rationale[r])
+        depth = max(len(v) for v in by_rationale.values())
+        runs = [[by_rationale[r][k] for r in rationales if k < len(by_rationale[r])] for k in range(depth)]
+    else:
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        runs = [order]
+    if bucket_factor:
+        window = batch_size * bucket_factor
+        runs = [[i for w in range(0, len(run), window) for i in sorted(run[w:w + window], key=lambda i: len(samples[i].input_ids))]
+                for run in runs]
+    order = [i for run in runs for i in run]
+    steps = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    if bucket_factor:
+        rng.shuffle(steps)
+    return steps
 
 
 def worker_share(step: list[int], rank: int, world: int) -> list[int]:
@@ -58,17 +87,18 @@ def micro_batches(share: list[int], samples: list[Sample], micro: int) -> list[l
 
 def collate(batch: list[Sample], pad_id: int):
     """Right padding (left-padded training batches gave NaN losses under bf16 SDPA on an H200)."""
-
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    groups = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, s in enumerate(batch):
         n = len(s.input_ids)
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
+        groups[row, :n] = torch.tensor(s.token_groups())
         mask[row, :n] = 1
-    return ids, labels, mask
+    return ids, labels, groups, mask
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -86,8 +116,8 @@ class SupervisedLoss(torch.nn.Module):
         cfg = lm.config
         self.full_head = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
 
-    def forward(self, ids, mask, labels):
-        """Returns (loss of each supervised token [N], fp32; batch row of each [N])."""
+    def forward(self, ids, mask, labels, groups):
+        """Returns (loss of each supervised token [N], fp32; its batch row [N]; its target group [N])."""
         target = labels[:, 1:]
         sup = target != IGNORE
         rows = sup.nonzero(as_tuple=True)[0]
@@ -96,16 +126,25 @@ class SupervisedLoss(torch.nn.Module):
         else:
             hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             logits = self.lm.get_output_embeddings()(hidden[:, :-1][sup])
-        return F.cross_entropy(logits.float(), target[sup], reduction="none"), rows
+        return F.cross_entropy(logits.float(), target[sup], reduction="none"), rows, groups[:, 1:][sup]
 
 
-def normalised_loss(tok_loss, rows, batch_rows: int, normalizer: str, step_tokens: int, step_samples: int):
-    """This micro-batch's share of the optimizer step's loss (see module docstring)."""
+_GROUP_STRIDE = 128   # > any group id (num_chunks <= 64, plus the answer stage)
+
+
+def normalised_loss(tok_loss, rows, groups, batch_rows: int, normalizer: str, step: dict):
+    """This micro-batch's share of the optimizer step's loss (see module docstring). `step` holds
+    the whole step's supervised tokens, samples and target groups."""
     if normalizer == "token":
-        return tok_loss.sum() / step_tokens
-    per_row = torch.zeros(batch_rows, dtype=tok_loss.dtype, device=tok_loss.device).index_add(0, rows, tok_loss)
-    count = torch.bincount(rows, minlength=batch_rows).clamp(min=1)
-    return (per_row / count).sum() / step_samples
+        return tok_loss.sum() / step["tokens"]
+    if normalizer == "sample":
+        key, size, denom = rows, batch_rows, step["samples"]
+    else:
+        key, size, denom = rows * _GROUP_STRIDE + groups, batch_rows * _GROUP_STRIDE, step["groups"]
+    sums = torch.zeros(size, dtype=tok_loss.dtype, device=tok_loss.device).index_add(0, key, tok_loss)
+    counts = torch.bincount(key, minlength=size)
+    present = counts > 0
+    return (sums[present] / counts[present]).sum() / denom
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -132,7 +171,7 @@ def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer):
         table = read_chunks(run_dir / "chunks" / "train")
         chunks = dict(zip(table.column("id").to_pylist(), table.column("chunks").to_pylist()))
         records = [r for r in records if r["id"] in chunks]   # rationales the chunk stage rejected
-    return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks)
+    return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks, cfg.train.cwt_schedule)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -167,26 +206,22 @@ def train_loop_per_worker(config: dict) -> None:
         total_steps = min(total_steps, tcfg.max_steps)
 
     torch.manual_seed(tcfg.seed)
-    model = load_model(student_path, cfg.student.trust_remote_code)
-    model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     start_step, log_rows = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:   # restarted after a failure: continue from the last reported state
-        with checkpoint.as_directory() as d:
-            model = load_model(d, cfg.student.trust_remote_code)
-            model.config.use_cache = False
-            optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
-            state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
+    checkpoint = ray.train.get_checkpoint()   # set when Ray Train restarts us after a failure
+    with checkpoint.as_directory() if checkpoint else nullcontext(student_path) as source:
+        model = load_model(source, cfg.student.trust_remote_code)
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
+        if checkpoint:
+            state = torch.load(os.path.join(source, "train_state.pt"), weights_only=True)
             if "optimizer" in state:   # the final checkpoint keeps only its step
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
             start_step = int(state["step"])
-            log_rows = [json.loads(line) for line in Path(d, TRAIN_LOG).read_text().splitlines()]
-        if rank == 0:
-            log.info(f"[train {method}] resumed from checkpoint at step {start_step}")
+            log_rows = [json.loads(line) for line in Path(source, TRAIN_LOG).read_text().splitlines()]
+            if rank == 0:
+                log.info(f"[train {method}] resumed from checkpoint at step {start_step}")
     raw_model = model
     model = ray.train.torch.prepare_model(SupervisedLoss(model))   # DDP wraps the loss module
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
@@ -212,8 +247,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     if rank == 0:
         log.info(f"[train {method}] {len(samples)} samples ({dropped} dropped: longer than student.max_length), "
-              f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}")
+                 f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}")
     model.train()
+    schedule = tcfg.cwt_schedule if method == "cwt" else "shuffle"
+    order, order_epoch = [], -1
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):
         if cfg.debug.kill_at_step == step + 1 and rank == 0 and not checkpoint:
@@ -221,17 +258,21 @@ def train_loop_per_worker(config: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
         epoch = step // steps_per_epoch
-        global_batch = step_batches(len(samples), tcfg.batch_size, tcfg.seed, epoch)[step % steps_per_epoch]
+        if epoch != order_epoch:
+            order, order_epoch = epoch_steps(samples, tcfg.batch_size, tcfg.seed, epoch, schedule, tcfg.bucket_factor), epoch
+        global_batch = order[step % steps_per_epoch]
         step_tokens = sum(samples[i].supervised for i in global_batch)
+        step_info = {"tokens": step_tokens, "samples": len(global_batch),
+                     "groups": sum(samples[i].num_groups for i in global_batch)}
         mbs = micro_batches(worker_share(global_batch, rank, world), samples, tcfg.micro_batch_size)
         local = torch.zeros(4, dtype=torch.float64)   # loss, processed (real) tokens, computed tokens, stage-0 n/a
         for j, mb in enumerate(mbs):
-            ids, labels, mask = (t.to(device) for t in collate([samples[i] for i in mb], tokenizer.pad_token_id))
+            ids, labels, groups, mask = (t.to(device) for t in collate([samples[i] for i in mb], tokenizer.pad_token_id))
             sync = nullcontext() if j == len(mbs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast:
-                    tok_loss, rows = model(ids, mask, labels)
-                loss = normalised_loss(tok_loss, rows, len(mb), tcfg.loss_normalizer, step_tokens, len(global_batch))
+                    tok_loss, rows, tok_groups = model(ids, mask, labels, groups)
+                loss = normalised_loss(tok_loss, rows, tok_groups, len(mb), tcfg.loss_normalizer, step_info)
                 (loss * world).backward()
             local[0] += loss.detach().double().cpu()
             local[1] += mask.sum().item()
@@ -257,8 +298,8 @@ def train_loop_per_worker(config: dict) -> None:
             elapsed = time.perf_counter() - t_start
             eta = elapsed / (done - start_step) * (total_steps - done)
             log.info(f"[train {method}] step {done}/{total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
-                  f"lr {lr:.2e} tok/s {row['processed_tokens'] / dt:.0f} sup tok/s {step_tokens / dt:.0f} "
-                  f"ETA {_fmt_eta(eta)}")
+                     f"lr {lr:.2e} tok/s {row['processed_tokens'] / dt:.0f} sup tok/s {step_tokens / dt:.0f} "
+                     f"ETA {_fmt_eta(eta)}")
         if done < total_steps and done % steps_per_epoch == 0:
             save(done, final=False)
     save(total_steps, final=True)
@@ -279,6 +320,7 @@ def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) ->
         "processed_tokens_per_s": sum(r["processed_tokens"] for r in steady) / wall,
         "supervised_tokens_per_s": sum(r["supervised_tokens"] for r in steady) / wall,
         "real_token_ratio": processed / computed if computed else None,
+        "processed_per_supervised_token": processed / max(1, sum(r["supervised_tokens"] for r in log_rows)),
     }
 
 

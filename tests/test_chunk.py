@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from cwt_ray.chunk import (CHUNK_SCHEMA, Chunker, balanced_partition, candidate_moves, coherent_partition,
-                           resolve_embedding_model, sbc_search, split_steps, step_boundaries, threshold_partition)
+                           resolve_embedding_model, sbc_search, split_steps, threshold_partition)
 from cwt_ray.config import ChunkConfig, UserError, load_config
 from conftest import ROOT
 
@@ -138,6 +138,9 @@ ROWS = [
     {"id": "c", "question": "q?", "rationale": "The oven bakes bread. Flour and yeast make dough. "
      "Stars shine in the night sky. Planets orbit the sun.", "answer": "2"},
     {"id": "bad", "question": "q?", "rationale": None, "answer": "3"},
+    {"id": "long", "question": "q?", "rationale": " ".join(f"Step {i} adds {i} apples to the pile." for i in range(400)),
+     "answer": "4"},
+    {"id": "utf", "question": "q?", "rationale": "Ünïcödé → 5 € só.\n\n日本語の文。x = 2 × 3 = 6.\nDone ✓", "answer": "6"},
 ]
 
 
@@ -149,7 +152,7 @@ def test_chunker_is_lossless_deterministic_and_rejects_bad_rows(tiny_student, he
     assert chunker(table).to_pylist() == out
     by_id = {r["id"]: r for r in out}
     assert by_id["bad"]["chunks"] is None and "cannot be chunked" in by_id["bad"]["note"]
-    for row in ROWS[:3]:
+    for row in [r for r in ROWS if r["id"] != "bad"]:
         got = by_id[row["id"]]
         assert "".join(got["chunks"]) == row["rationale"]
         assert got["boundaries"][0] == 0 and got["boundaries"][-1] == len(row["rationale"])
@@ -160,4 +163,5 @@ def test_chunker_is_lossless_deterministic_and_rejects_bad_rows(tiny_student, he
     if heuristic.endswith("sbc"):
         assert by_id["a"]["loss_after"] <= by_id["a"]["loss_before"]
         assert by_id["a"]["candidates_scored"] > 1
-    assert pa.Table.from_pylist(out, schema=CHUNK_SCHEMA).num_rows == 4
+        assert by_id["long"]["note"].startswith("search skipped")   # longer than the student's context
+    assert pa.Table.from_pylist(out, schema=CHUNK_SCHEMA).num_rows == len(ROWS)

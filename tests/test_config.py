@@ -52,6 +52,11 @@ def test_malformed_override():
     ([str(QUICKSTART), "train.lr=oops"], "train.lr"),
     ([str(QUICKSTART), "train.lrr=1"], "unknown config key 'train.lrr'"),
     (["configs/does-not-exist.yaml"], "configs/does-not-exist.yaml"),
+    ([str(QUICKSTART), "chunk.heuristic=semantic", "chunk.embedding_model=/no/such/model"], "chunk.embedding_model"),
+    ([str(QUICKSTART), "chunk.num_chunks=0"], "chunk.num_chunks"),
+    ([str(QUICKSTART), "data.source=jsonl", "data.train_path=/no/train.jsonl", "data.test_path=/no/test.jsonl"],
+     "data.train_path: file not found: /no/train.jsonl"),
+    ([str(QUICKSTART), "student.name=/no/student"], "student.name"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(args, needle):
     proc = subprocess.run([sys.executable, "-m", "cwt_ray.cli", "run", *args], capture_output=True, text=True,

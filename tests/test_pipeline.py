@@ -67,24 +67,25 @@ def test_cwt_with_one_chunk_trains_exactly_like_std_cot(ray_cluster, smoke_cfg):
     assert _losses(cfg.run_dir, "cwt") == pytest.approx(_losses(cfg.run_dir, "std_cot"), rel=1e-6)
 
 
-@pytest.mark.parametrize("normalizer, layouts", [
-    ("token", {"8x1x1": (8, 1), "4x2x1": (4, 1), "4x1x2": (4, 2)}),
-    ("sample", {"8x1x1": (8, 1), "4x1x2": (4, 2)}),
+@pytest.mark.parametrize("method, normalizer, layouts", [
+    ("std_cot", "token", {"8x1x1": (8, 1), "4x2x1": (4, 1), "4x1x2": (4, 2)}),
+    ("std_cot", "sample", {"8x1x1": (8, 1), "4x1x2": (4, 2)}),
+    ("cwt", "chunk", {"8x1x1": (8, 1), "4x2x1": (4, 1), "4x1x2": (4, 2)}),
 ])
-def test_loss_invariant_to_micro_batch_accumulation_and_workers(ray_cluster, smoke_cfg, normalizer, layouts):
-    """batch 8 x accumulation 1 x 1 worker == 4 x 2 x 1 == 4 x 1 x 2: the normaliser is per optimizer step."""
+def test_loss_invariant_to_micro_batch_accumulation_and_workers(ray_cluster, smoke_cfg, method, normalizer, layouts):
+    """batch 8 x accumulation 1 x 1 worker == 4 x 2 x 1 == 4 x 1 x 2: the normaliser is per optimizer step.
+    The cwt case uses the single-pass schedule, whose samples hold several chunks each."""
     curves = {}
     for label, (micro, workers) in layouts.items():
-        cfg = smoke_cfg(f"name=inv-{normalizer}-{label}", "methods=[std_cot]", "train.max_steps=3",
+        cfg = smoke_cfg(f"name=inv-{normalizer}-{label}", f"methods=[{method}]", "train.max_steps=3",
                         "train.batch_size=8", f"train.micro_batch_size={micro}", f"train.num_workers={workers}",
-                        f"train.loss_normalizer={normalizer}")
-        run_stages(cfg, stages=("data", "train"))
-        curves[label] = _losses(cfg.run_dir, "std_cot")
+                        f"train.loss_normalizer={normalizer}", "train.cwt_schedule=single_pass")
+        run_stages(cfg, stages=("data", "chunk", "train"))
+        curves[label] = _losses(cfg.run_dir, method)
     reference = curves.pop("8x1x1")
     assert len(reference) == 3
     for label, curve in curves.items():
         assert curve == pytest.approx(reference, rel=1e-5), label
-
 
 def test_killed_worker_resumes_from_checkpoint_with_the_same_losses(ray_cluster, smoke_cfg):
     """SIGKILL rank 0 mid-run: Ray Train restarts it from the epoch-end checkpoint, and the run ends

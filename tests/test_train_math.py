@@ -1,0 +1,90 @@
+"""The loss maths of train.py on the tiny model, in-process (no Ray): schedules, normalisers, batches."""
+import random
+
+import pytest
+import torch
+
+from cwt_ray.config import load_config
+from cwt_ray.samples import SampleBuilder, build_samples
+from cwt_ray.student import load_model
+from cwt_ray.train import SupervisedLoss, collate, epoch_steps, normalised_loss
+from conftest import ROOT
+
+RECORDS = [
+    {"id": "r1", "question": "Tom has 3 apples and buys 4. How many?",
+     "rationale": "Tom starts with 3 apples.\nHe buys 4 more.\nSo 3 + 4 = 7.", "answer": "7"},
+    {"id": "r2", "question": "A box holds 5 pens. How many pens in 2 boxes?",
+     "rationale": "One box holds 5 pens.\nTwo boxes hold 2 * 5 = 10 pens.", "answer": "10"},
+]
+CHUNKS = {"r1": ["Tom starts with 3 apples.\n", "He buys 4 more.\n", "So 3 + 4 = 7."],
+          "r2": ["One box holds 5 pens.\n", "Two boxes hold 2 * 5 = 10 pens."]}
+
+
+def _grads(model, samples, normalizer, pad_id):
+    model.zero_grad(set_to_none=True)
+    ids, labels, groups, mask = collate(samples, pad_id)
+    tok_loss, rows, tok_groups = SupervisedLoss(model)(ids, mask, labels, groups)
+    step = {"tokens": sum(s.supervised for s in samples), "samples": len(samples),
+            "groups": sum(s.num_groups for s in samples)}
+    loss = normalised_loss(tok_loss, rows, tok_groups, len(samples), normalizer, step)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("answer_stage", ["separate", "with_last_chunk"])
+def test_single_pass_equals_its_chunk_samples_in_one_step(tiny_student, tokenizer, answer_stage):
+    """Causal attention: one forward over a whole rationale with a per-chunk normalised loss gives the
+    loss and gradients of all its chunk samples in the same step (per-sample normalised)."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"stages.answer_stage={answer_stage}"])
+    b = SampleBuilder(tokenizer, cfg)
+    torch.manual_seed(0)
+    model = load_model(tiny_student)
+    separate, _ = build_samples(b, "cwt", RECORDS, CHUNKS, "shuffle")
+    single, _ = build_samples(b, "cwt", RECORDS, CHUNKS, "single_pass")
+    assert len(single) == 2 and sum(s.num_groups for s in single) == len(separate)
+    loss_a, grads_a = _grads(model, separate, "sample", tokenizer.pad_token_id)
+    loss_b, grads_b = _grads(model, single, "chunk", tokenizer.pad_token_id)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-7)
+    processed = lambda ss: sum(len(s.input_ids) for s in ss)  # noqa: E731
+    assert processed(single) < 0.6 * processed(separate)   # prefixes are read once, not once per chunk
+
+
+def test_chunk_normaliser_weights_chunks_not_tokens(tiny_student, tokenizer):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    b = SampleBuilder(tokenizer, cfg)
+    model = load_model(tiny_student)
+    single, _ = build_samples(b, "cwt", RECORDS, CHUNKS, "single_pass")
+    token, _ = _grads(model, single, "token", tokenizer.pad_token_id)
+    chunk, _ = _grads(model, single, "chunk", tokenizer.pad_token_id)
+    sample, _ = _grads(model, single, "sample", tokenizer.pad_token_id)
+    assert len({round(token, 6), round(chunk, 6), round(sample, 6)}) == 3
+
+
+def _fake_samples(n, rationales):
+    from cwt_ray.samples import Sample
+    rng = random.Random(1)
+    return [Sample(f"r{i % rationales}", i, [1] * rng.randint(5, 200), [1] * 3) for i in range(n)]
+
+
+def test_bucketing_keeps_the_samples_and_cuts_padding():
+    samples = _fake_samples(400, 100)
+    plain = epoch_steps(samples, 8, seed=0, epoch=0, schedule="shuffle", bucket_factor=0)
+    bucketed = epoch_steps(samples, 8, seed=0, epoch=0, schedule="shuffle", bucket_factor=16)
+    assert sorted(i for s in plain for i in s) == sorted(i for s in bucketed for i in s) == list(range(400))
+
+    def real_ratio(steps):
+        real = sum(len(samples[i].input_ids) for s in steps for i in s)
+        return real / sum(len(s) * max(len(samples[i].input_ids) for i in s) for s in steps)
+    assert real_ratio(bucketed) > 0.9 > real_ratio(plain)
+    assert epoch_steps(samples, 8, 0, 1, "shuffle", 16) != bucketed   # a new order each epoch
+
+
+def test_per_rationale_steps_hold_one_chunk_per_rationale():
+    samples = _fake_samples(400, 100)   # 100 rationales x 4 stages
+    steps = epoch_steps(samples, 8, seed=0, epoch=0, schedule="per_rationale", bucket_factor=0)
+    assert len(steps) == 50
+    assert all(len({samples[i].rationale_id for i in s}) == 8 for s in steps)
+    steps = epoch_steps(samples, 8, seed=0, epoch=0, schedule="per_rationale", bucket_factor=4)
+    assert sum(len({samples[i].rationale_id for i in s}) == 8 for s in steps) >= 48
