@@ -198,10 +198,10 @@ def preflight(cfg: ExperimentConfig, stages: tuple[str, ...]) -> None:
             resolve_embedding_model(ccfg.embedding_model)
         if ccfg.heuristic == "sbc" and ccfg.sbc_student and not (Path(ccfg.sbc_student).expanduser() / "config.json").is_file():
             raise UserError(f"chunk.sbc_student: {ccfg.sbc_student!r} is not a student folder (no config.json)")
-    builtin = cfg.student.name in ("smollm2-135m", "tiny-llama")
-    if not builtin and not (Path(cfg.student.name).expanduser() / "config.json").is_file():
-        raise UserError(f"student.name: {cfg.student.name!r} is neither a built-in (smollm2-135m, tiny-llama) "
-                        f"nor a folder with a config.json")
+    from .student import BUILTIN, resolve_student
+
+    if cfg.student.name not in BUILTIN:   # a path: checking it is cheap; built-ins are made later
+        resolve_student(cfg.student)
 
 
 def prepare_run_dir(cfg: ExperimentConfig, overwrite: bool) -> Path:
