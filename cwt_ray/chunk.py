@@ -253,9 +253,8 @@ class Chunker:
                 scores.append(float(np.mean(per_chunk)))
         return scores
 
-    def _chunk_one(self, record: dict, emb: np.ndarray | None) -> dict:
+    def _chunk_one(self, record: dict, ends: list[int], steps: list[str], emb: np.ndarray | None) -> dict:
         cfg, rationale = self.cfg, record["rationale"]
-        ends, steps = split_steps(rationale, cfg.step_unit)
         lengths = [self._token_len(s) for s in steps]
         row = {"score": None, "boundary_scores": [], "loss_before": None, "loss_after": None,
                "moves": 0, "candidates_scored": 0, "note": ""}
@@ -304,13 +303,13 @@ class Chunker:
 
         for record in batch.to_pylist():
             try:
-                ready.append((record, split_steps(record["rationale"], self.cfg.step_unit)[1]))
+                ready.append((record, *split_steps(record["rationale"], self.cfg.step_unit)))
             except Exception as e:
                 reject(record, e)
-        embs = self._embed([steps for _, steps in ready]) if self.encoder is not None else [None] * len(ready)
-        for (record, _), emb in zip(ready, embs):
+        embs = self._embed([steps for _, _, steps in ready]) if self.encoder is not None else [None] * len(ready)
+        for (record, ends, steps), emb in zip(ready, embs):
             try:
-                rows.append(self._chunk_one(record, emb))
+                rows.append(self._chunk_one(record, ends, steps, emb))
             except Exception as e:
                 reject(record, e)
         print(f"[chunk {self.cfg.heuristic}] {batch.num_rows} rationales in {time.perf_counter() - t0:.1f}s", flush=True)
