@@ -183,7 +183,7 @@ class EvalConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: Optional[str] = Field(None, description="None: start an embedded local cluster; 'auto' or ray://...: connect.")
+    address: Optional[str] = Field(None, description="None: the cluster a job was submitted to (RAY_ADDRESS), else a new embedded local cluster; 'auto' or host:port: connect.")
     num_cpus: Optional[int] = Field(None, ge=1, description="Embedded cluster size (default: all cores).")
     include_dashboard: bool = Field(True, description="Embedded cluster only; bound to 127.0.0.1. Ray's state API, "
                                                        "which Ray Train polls, needs it.")

@@ -72,7 +72,10 @@ def ray_session(cfg: ExperimentConfig):
     env_vars = dict(OFFLINE_ENV)
     if "CWT_RAY_CACHE" in os.environ:
         env_vars["CWT_RAY_CACHE"] = os.environ["CWT_RAY_CACHE"]
-    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if not cfg.ray.address else None,
+    # None means: the cluster a job was submitted to (Ray sets RAY_ADDRESS), else a new embedded
+    # one. Never "the last cluster `ray start` left on this machine", which ray.init(None) would join.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None,
              include_dashboard=cfg.ray.include_dashboard, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": env_vars}, logging_level="WARNING")
     quiet_ray_data()

@@ -23,7 +23,7 @@ def ray_cluster():
     from cwt_ray.pipeline import OFFLINE_ENV, quiet_ray_data
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
                  runtime_env={"env_vars": dict(OFFLINE_ENV)})
     quiet_ray_data()
     yield
