@@ -35,12 +35,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 methods=[cwt]")
         if name == "run":
             p.add_argument("--overwrite", action="store_true", help="delete the run directory and start over")
+    help_text = ("hyperparameter search (Optuna through Ray Tune): each trial runs the pipeline on the validation "
+                 "split; writes runs/<sweep>/report.md, report.html and best_config.yaml (docs/sweeps.md)")
+    p = sub.add_parser("sweep", help=help_text, description=help_text)
+    p.add_argument("config", help="sweep YAML, e.g. configs/sweep_quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. num_samples=4 "
+                                                "overrides.train.epochs=1")
+    p.add_argument("--overwrite", action="store_true", help="delete the sweep directory and start over")
     return parser
+
+
+def _sweep(args) -> int:
+    from .sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, args.overrides)
+    report = run_sweep(sweep, overwrite=args.overwrite)
+    if report is None:
+        return 130
+    print(f"cwt-ray sweep: done. Report: {report}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "sweep":
+            return _sweep(args)
         cfg = load_config(args.config, args.overrides)
         from .pipeline import run_stages
 

@@ -141,7 +141,8 @@ def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
     state.mark("chunk")
 
 
-def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str]) -> None:
+def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str],
+                 callbacks: list | None = None) -> None:
     from .student import resolve_student
     from .train import train_method
 
@@ -154,7 +155,7 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
         if method == "cwt":
             state.require("chunk", "cwt-ray chunk CONFIG")
         prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force)
-        metrics = train_method(cfg, method, run_dir, resolve_student(cfg.student), student_info(cfg, method))
+        metrics = train_method(cfg, method, run_dir, resolve_student(cfg.student), student_info(cfg, method), callbacks)
         print(f"[train {method}] done: {metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> "
               f"{metrics['final_loss']:.3f}, {metrics['processed_tokens_per_s']:.0f} tok/s", flush=True)
         state.mark(key)
@@ -217,9 +218,9 @@ def prepare_run_dir(cfg: ExperimentConfig, overwrite: bool) -> Path:
 
 
 def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = (),
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, train_callbacks: list | None = None) -> Path:
     """Run the named stages in order (skipping finished ones unless forced); returns the report path
-    when the report stage ran, else the run directory."""
+    when the report stage ran, else the run directory. `train_callbacks` go to Ray Train (sweeps)."""
     from .report import write_report
 
     unknown = set(stages) - set(STAGES)
@@ -236,7 +237,7 @@ def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: t
         if "chunk" in stages and "cwt" in cfg.methods:
             _stage_chunk(cfg, run_dir, state, "chunk" in force)
         if "train" in stages:
-            _stage_train(cfg, run_dir, state, "train" in force, cfg.methods)
+            _stage_train(cfg, run_dir, state, "train" in force, cfg.methods, train_callbacks)
         if "eval" in stages:
             _stage_eval(cfg, run_dir, state, "eval" in force, cfg.methods)
     if "report" in stages:

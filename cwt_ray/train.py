@@ -228,7 +228,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def save(step: int, final: bool) -> None:
         """Rank 0 writes a checkpoint; every rank calls report (it is a barrier)."""
-        metrics = {"step": step, "final": final}
+        metrics = {"step": step, "final": final, "loss": log_rows[-1]["loss"] if log_rows else None}
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -324,8 +324,10 @@ def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) ->
     }
 
 
-def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path, student_info: dict) -> dict:
-    """Driver side: launch the TorchTrainer, then copy the final checkpoint to students/<method>."""
+def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path, student_info: dict,
+                 callbacks: list | None = None) -> dict:
+    """Driver side: launch the TorchTrainer, then copy the final checkpoint to students/<method>.
+    `callbacks` go to Ray Train's RunConfig (a sweep trial passes TuneReportCallback there)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -339,7 +341,7 @@ def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path
         run_config=ray.train.RunConfig(
             name=f"train-{method}", storage_path=str(run_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=2)),
+            failure_config=ray.train.FailureConfig(max_failures=2), callbacks=callbacks),
     )
     t0 = time.perf_counter()
     result = trainer.fit()

@@ -1,0 +1,609 @@
+"""Sweep stage: Optuna through Ray Tune over any experiment config key, one Ray Train run per trial.
+
+A sweep file names a base experiment YAML, overrides on it, a search space of dotted config keys,
+and one or two objectives. Every trial is the ordinary pipeline (data -> chunk -> train -> eval) in
+its own run directory `runs/<sweep>/trials/<trial_id>/`, scored on the *validation* split; the test
+split is only touched after the search, to report the chosen configs, so the sweep cannot select
+on test. Layout of `runs/<sweep>/`:
+
+    sweep.json      what the sweep was started with (a changed sweep file refuses to resume)
+    tune/           Ray Tune's experiment state: `Tuner.restore` continues from it
+    cache/          data splits and chunk outputs keyed by their stage fingerprint, shared by trials
+    trials/<id>/    one run directory per trial (config.yaml reproduces it), console.log
+    test/<id>/      the chosen configs evaluated once on the test split
+    report.md, report.html, *.png, best_config.yaml, optuna.db
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .config import (ExperimentConfig, UserError, _format_error, _set_dotted, _Strict, parse_overrides,
+                     validate_config)
+
+# Metrics eval.py writes for a method that an objective may name.
+EVAL_METRICS = ("accuracy", "tokens_generated", "complete", "correct_format", "contains_answer", "latency_s")
+# Sections a trial must not change: they say where and how the sweep itself runs.
+NOT_SEARCHABLE = ("name", "storage_path", "methods", "ray", "debug")
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep file
+# ---------------------------------------------------------------------------------------------
+
+class Param(_Strict):
+    """One searched key: `categorical` (choices), `int` or `float` (low..high, inclusive)."""
+    type: Literal["categorical", "int", "float"]
+    choices: Optional[list[Any]] = Field(None, description="categorical: the values to try.")
+    low: Optional[Union[int, float]] = None
+    high: Optional[Union[int, float]] = None
+    log: bool = Field(False, description="int/float: sample on a log scale (low must be > 0).")
+    step: Optional[Union[int, float]] = Field(None, description="int/float: grid step (not with log).")
+    when: dict[str, Any] = Field(default_factory=dict, description="Search this key only when each named "
+                                 "(earlier, categorical) key took the given value, e.g. {chunk.heuristic: sbc}.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Param":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("categorical takes 'choices', not low/high")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high, not 'choices'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        if self.type == "int" and not all(isinstance(v, int) for v in (self.low, self.high, self.step or 1)):
+            raise ValueError("int needs integer low, high and step")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log needs low > 0 and no step")
+        return self
+
+
+class Objective(_Strict):
+    metric: Literal[EVAL_METRICS] = Field(..., description="Validation metric of the swept method.")
+    mode: Literal["max", "min"]
+
+
+class SweepDebug(_Strict):
+    """Fault injection for the resume test; never part of the sweep's fingerprint."""
+    stop_after_trials: Optional[int] = Field(
+        None, ge=1, description="Send this process SIGINT (as Ctrl-C does) after this many trials finished in it.")
+
+
+class SweepConfig(_Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str = Field(..., description="Experiment YAML the trials start from, relative to the sweep file.")
+    storage_path: Optional[str] = Field(None, description="Where runs/<name>/ goes; default: the base config's.")
+    method: Literal["std_cot", "cwt"] = Field("cwt", description="The method each trial trains and is scored on.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Nested config values applied to the base "
+                                      "for every trial (and for best_config.yaml).")
+    search_space: dict[str, Param] = Field(..., min_length=1, description="Dotted config key -> distribution.")
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="accuracy", mode="max")], min_length=1, max_length=2,
+        description="One objective, or two (e.g. accuracy max + tokens_generated min: Pareto front).")
+    num_samples: int = Field(8, ge=1, description="Trials in the sweep.")
+    max_concurrent_trials: Optional[int] = Field(
+        None, ge=1, description="None: as many as fit the cluster, at most n_startup_trials, so TPE sees results "
+                                "before it suggests (more parallel trials = closer to random search).")
+    n_startup_trials: int = Field(4, ge=0, description="Random trials before TPE models the results (Optuna's "
+                                                        "default of 10 is more than a small sweep runs).")
+    scheduler: Literal["none", "asha"] = Field(
+        "none", description="'asha': stop trials whose training loss is poor at epoch ends (single objective only).")
+    asha_grace_period: int = Field(1, ge=1, description="ASHA: reports (epoch ends) before a trial may be stopped.")
+    trial_cpus: float = Field(0.1, gt=0, description="CPU reserved by each trial's driver, which only waits on its "
+                                                     "TorchTrainer and Ray Data actors (those reserve their own).")
+    seed: int = Field(0, description="Seed of Optuna's sampler.")
+    optuna_db: bool = Field(True, description="Also write the finished trials to runs/<name>/optuna.db "
+                                              "(SQLite) for optuna-dashboard.")
+    debug: SweepDebug = Field(default_factory=SweepDebug)
+
+    @field_validator("search_space")
+    @classmethod
+    def _when_refers_to_earlier_choices(cls, space: dict[str, Param]) -> dict[str, Param]:
+        seen: dict[str, Param] = {}
+        for key, param in space.items():
+            for other, value in param.when.items():
+                parent = seen.get(other)
+                if parent is None:
+                    raise ValueError(f"'{key}': when refers to '{other}', which is not a search_space key listed before it")
+                if parent.type != "categorical" or value not in parent.choices:
+                    raise ValueError(f"'{key}': when {other}={value!r} is not one of that key's choices")
+            seen[key] = param
+        return space
+
+    @model_validator(mode="after")
+    def _scheduler_fits_objectives(self) -> "SweepConfig":
+        if self.scheduler == "asha" and len(self.objectives) > 1:
+            raise ValueError("scheduler 'asha' needs a single objective")
+        if len({o.metric for o in self.objectives}) != len(self.objectives):
+            raise ValueError("objectives must name different metrics")
+        return self
+
+
+class Sweep:
+    """A validated sweep: its file, its config, and the experiment tree every trial starts from."""
+
+    def __init__(self, path: Path, config: SweepConfig, base_tree: dict, base: ExperimentConfig):
+        self.path, self.config, self.base_tree, self.base = path, config, base_tree, base
+        self.storage = Path(config.storage_path or base.storage_path).expanduser().resolve()
+        self.dir = self.storage / config.name
+
+    def experiment_tree(self, params: dict) -> dict:
+        """Base + overrides + this trial's values: the config `cwt-ray run` gets (best_config.yaml)."""
+        tree = json.loads(json.dumps(self.base_tree))
+        for key, value in params.items():
+            _set_dotted(tree, key, value)
+        tree["name"] = f"{self.config.name}-best"
+        tree["storage_path"] = str(self.storage)
+        tree.setdefault("eval", {})["split"] = "test"
+        return tree
+
+    def trial_config(self, params: dict, trial_id: str, split: str = "validation",
+                     folder: str = "trials") -> ExperimentConfig:
+        tree = self.experiment_tree(params)
+        tree.update(name=trial_id, storage_path=str(self.dir / folder), methods=[self.config.method])
+        tree.setdefault("eval", {})["split"] = split
+        return validate_config(tree, source=f"trial {trial_id}")
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"sweep": self.config.model_dump(mode="json", exclude={"debug"}), "base": self.base_tree},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _deep_merge(tree: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _deep_merge(tree[key], value)
+        else:
+            tree[key] = value
+    return tree
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{path} is not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: top level must be a mapping")
+    return tree
+
+
+def sample_values(param: Param) -> list:
+    """Values that stand for a distribution when the search space is checked: every choice, both ends."""
+    if param.type == "categorical":
+        return list(param.choices)
+    return [param.low, param.high]
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and check a sweep file; every mistake is one UserError line, before Ray starts."""
+    path = Path(path)
+    tree = _read_yaml(path)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        config = SweepConfig.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_error(e, str(path))) from None
+    base_path = (path.parent / config.base).resolve()
+    if not base_path.is_file():
+        raise UserError(f"{path}: base config not found: {base_path}")
+    base_tree = _deep_merge(_read_yaml(base_path), json.loads(json.dumps(config.overrides)))
+    base = validate_config(base_tree, source=f"{path} (base {config.base} + overrides)")
+    if base.data.source == "gsm_symbolic" and base.data.validation_size < 1:
+        raise UserError(f"{path}: trials are scored on the validation split; set data.validation_size >= 1")
+    if base.data.source == "jsonl" and not base.data.validation_path:
+        raise UserError(f"{path}: trials are scored on the validation split; set data.validation_path")
+    # Every key must be a real config key, and every value the distribution can produce a valid one:
+    # build the config with each choice / each end of each range (the other keys at base values).
+    for key, param in config.search_space.items():
+        if key.split(".")[0] in NOT_SEARCHABLE:
+            raise UserError(f"{path}: search_space '{key}': {key.split('.')[0]} is not searchable")
+        for value in sample_values(param):
+            trial_tree = json.loads(json.dumps(base_tree))
+            try:
+                _set_dotted(trial_tree, key, value)
+                validate_config(trial_tree, source="")
+            except UserError as e:
+                raise UserError(f"{path}: search_space '{key}' = {value!r}: {str(e).lstrip(': ')}") from None
+    return Sweep(path, config, base_tree, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space and concurrency
+# ---------------------------------------------------------------------------------------------
+
+class SearchSpace:
+    """Optuna define-by-run space: a conditional key is asked for only when its `when` holds, so
+    the sampler never models a value that did not matter. A module-level class (not a closure) so
+    Tune can pickle it into the experiment state and restore it."""
+
+    def __init__(self, params: dict[str, Param]):
+        self.params = {k: p.model_dump() for k, p in params.items()}
+
+    def __call__(self, trial) -> None:
+        chosen: dict[str, Any] = {}
+        for key, p in self.params.items():
+            if any(chosen.get(other) != value for other, value in p["when"].items()):
+                continue
+            if p["type"] == "categorical":
+                chosen[key] = trial.suggest_categorical(key, p["choices"])
+            elif p["type"] == "int":
+                chosen[key] = trial.suggest_int(key, p["low"], p["high"], step=p["step"] or 1, log=p["log"])
+            else:
+                chosen[key] = trial.suggest_float(key, float(p["low"]), float(p["high"]), step=p["step"], log=p["log"])
+
+
+def trial_demand(cfg: ExperimentConfig) -> dict[str, float]:
+    """Peak CPUs/GPUs one trial's stages hold at once (stages run one after another), base values."""
+    cpu = max(cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.eval.concurrency * cfg.eval.cpus_per_actor,
+              cfg.chunk.concurrency * cfg.chunk.cpus_per_actor if "cwt" in cfg.methods else 0.0)
+    gpu = max(cfg.train.num_workers if cfg.train.use_gpu else 0, cfg.eval.concurrency * cfg.eval.gpus_per_actor)
+    return {"CPU": cpu, "GPU": float(gpu)}
+
+
+def plan_concurrency(config: SweepConfig, demand: dict[str, float], cluster: dict[str, float]) -> tuple[int, str]:
+    """How many trials run at once, and why. Trials that would not fit only queue; trials beyond
+    n_startup_trials in flight are suggested before TPE sees their neighbours' results."""
+    fits = min(int(cluster.get(r, 0) // need) for r, need in demand.items() if need > 0)
+    if fits < 1:
+        need = ", ".join(f"{need:g} {r}" for r, need in demand.items() if need > 0)
+        have = ", ".join(f"{cluster.get(r, 0):g} {r}" for r, need in demand.items() if need > 0)
+        raise UserError(f"one trial needs {need} at its peak (train workers or eval/chunk actors); the cluster has {have}")
+    if config.max_concurrent_trials:
+        n = config.max_concurrent_trials
+        why = "set in the sweep file"
+        if n > fits:
+            why += f"; only {fits} fit the cluster now, the rest queue"
+    else:
+        n = max(1, min(fits, config.n_startup_trials or 1, config.num_samples))
+        why = f"{fits} fit the cluster, capped at n_startup_trials={config.n_startup_trials} so TPE sees results"
+    return n, why
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial (runs in a Ray Tune trial actor)
+# ---------------------------------------------------------------------------------------------
+
+# Outputs trials share when their stage fingerprint is equal: stage key -> folders it writes.
+SHARED_STAGES = {"data": ("data",), "chunk": ("chunks",)}
+
+
+def reuse_shared(cfg: ExperimentConfig, cache: Path) -> list[str]:
+    """Copy finished data / chunk outputs with this trial's fingerprint from the sweep cache into
+    the run directory and mark them done, so the pipeline skips them. Returns the stages reused."""
+    from .pipeline import RunState
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    state, reused = RunState(cfg.run_dir, cfg), []
+    for key, folders in SHARED_STAGES.items():
+        src = cache / f"{key}-{state.fingerprint(key)}"
+        if state.is_done(key) or not src.is_dir():
+            continue
+        for folder in folders:
+            shutil.copytree(src / folder, cfg.run_dir / folder, dirs_exist_ok=True)
+        state.mark(key)
+        reused.append(key)
+    return reused
+
+
+def publish_shared(cfg: ExperimentConfig, cache: Path) -> None:
+    """Offer this trial's finished data / chunk outputs to later trials (copy, then atomic rename:
+    two trials publishing the same fingerprint at once is harmless)."""
+    from .pipeline import RunState
+
+    state = RunState(cfg.run_dir, cfg)
+    for key, folders in SHARED_STAGES.items():
+        dest = cache / f"{key}-{state.fingerprint(key)}"
+        if not state.is_done(key) or dest.exists():
+            continue
+        tmp = cache / f".{dest.name}.{os.getpid()}"
+        for folder in folders:
+            shutil.copytree(cfg.run_dir / folder, tmp / folder, dirs_exist_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.rename(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_trial(params: dict, sweep: Sweep) -> None:
+    """Tune function trainable: the pipeline for one point of the search space. Training metrics
+    stream to Tune through Ray Train's TuneReportCallback (ASHA acts on them); the final report
+    carries the validation metrics the searcher scores."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .pipeline import quiet_ray_data, run_stages
+
+    quiet_ray_data()
+    trial_id = tune.get_context().get_trial_id()
+    cfg = sweep.trial_config(params, trial_id)
+    method, run_dir = sweep.config.method, cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = {"start": time.perf_counter()}
+    # The trial's own stage lines go to its log; the console shows one line per finished trial.
+    with open(run_dir / "console.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        reused = reuse_shared(cfg, sweep.dir / "cache")
+        run_stages(cfg, stages=("data", "chunk"))
+        publish_shared(cfg, sweep.dir / "cache")
+        t["prepared"] = time.perf_counter()
+        run_stages(cfg, stages=("train",), train_callbacks=[TuneReportCallback()])
+        t["trained"] = time.perf_counter()
+        run_stages(cfg, stages=("eval",))
+        t["evaluated"] = time.perf_counter()
+    train = json.loads((run_dir / "students" / method / "train_metrics.json").read_text())
+    ev = json.loads((run_dir / "evals" / method / "metrics.json").read_text())
+    generate_s = _generation_seconds(run_dir, method)
+    wall = t["evaluated"] - t["start"]
+    tune.report({
+        **{k: ev[k] for k in EVAL_METRICS}, "n": ev["n"], "loss": train["final_loss"],
+        "train_steps": train["steps"], "train_step_s": train["train_time_s"], "generate_s": generate_s,
+        "prepare_s": t["prepared"] - t["start"], "train_wall_s": t["trained"] - t["prepared"],
+        "eval_wall_s": t["evaluated"] - t["trained"], "trial_wall_s": wall,
+        # Everything that is not a training step or a generate() call: worker and actor start-up,
+        # model loads, data and chunk preparation, Ray scheduling.
+        "fixed_s": wall - train["train_time_s"] - generate_s, "reused": ",".join(reused) or "-",
+        "run_dir": str(run_dir)})
+
+
+def _generation_seconds(run_dir: Path, method: str) -> float:
+    from .eval import read_eval_records
+
+    # A record's latency is its batch's wall time / batch size, so the sum is the generate() time.
+    return float(sum(read_eval_records(run_dir, method).column("latency_s").to_pylist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Console: one line per finished trial
+# ---------------------------------------------------------------------------------------------
+
+def _status(metrics: dict, objectives: list[str]) -> str:
+    """'done' when the trial reported its objectives, else 'stopped' (ended early by ASHA)."""
+    return "done" if all(metrics.get(m) is not None for m in objectives) else "stopped"
+
+
+def _fmt_params(params: dict) -> str:
+    return " ".join(f"{k}={_fmt_value(v)}" for k, v in params.items())
+
+
+def _fmt_value(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _make_progress_callback(sweep: Sweep):
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        """Prints one line per finished trial; with verbose=0 Tune prints no table of its own.
+        Optionally interrupts the sweep as Ctrl-C would (debug.stop_after_trials)."""
+
+        def __init__(self):
+            self.finished_here = 0
+
+        def _line(self, trials, trial, text: str) -> None:
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
+            print(f"[sweep] trial {done}/{sweep.config.num_samples} {trial.trial_id} {text} | "
+                  f"{_fmt_params(trial.config)}", flush=True)
+            self.finished_here += 1
+            stop_after = sweep.config.debug.stop_after_trials
+            if stop_after and self.finished_here == stop_after:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            objectives = [o.metric for o in sweep.config.objectives]
+            if _status(r, objectives) == "stopped":
+                self._line(trials, trial, f"stopped early by ASHA at loss {r.get('loss', float('nan')):.3f}")
+                return
+            metrics = " ".join(f"{m} {r[m]:.3f}" for m in dict.fromkeys(objectives + ["accuracy", "tokens_generated"]))
+            self._line(trials, trial, f"{metrics} ({r.get('trial_wall_s', 0):.0f}s, fixed {r.get('fixed_s', 0):.0f}s)")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trials, trial, f"FAILED; see {sweep.dir / 'trials' / trial.trial_id / 'console.log'} "
+                                      f"and {trial.local_path}/error.txt")
+
+    return TrialLines()
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def sweep_ray_session(sweep: Sweep, extra_cpus: float):
+    """Like pipeline.ray_session, plus: workers' output stays in Ray's log files (the console gets
+    one line per trial), and trials keep the driver's working directory (relative paths in configs
+    mean the same thing in every trial). On an embedded cluster the trial drivers' small CPU
+    reservations are added as logical CPUs, so a trial's trainer still gets whole cores."""
+    import ray
+
+    from .pipeline import OFFLINE_ENV, quiet_ray_data
+
+    env = {**OFFLINE_ENV, "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    if "CWT_RAY_CACHE" in os.environ:
+        env["CWT_RAY_CACHE"] = os.environ["CWT_RAY_CACHE"]
+    address = sweep.base.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    num_cpus = None
+    if address == "local":
+        num_cpus = (sweep.base.ray.num_cpus or os.cpu_count() or 1) + extra_cpus
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=sweep.base.ray.include_dashboard,
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, logging_level="WARNING",
+             log_to_driver=False)
+    quiet_ray_data()
+    try:
+        yield address == "local"
+    finally:
+        ray.shutdown()
+
+
+def _cluster_size(sweep: Sweep, embedded: bool) -> dict[str, float]:
+    import ray
+
+    if embedded:   # what the user's config says, without the logical CPUs added for trial drivers
+        return {"CPU": float(sweep.base.ray.num_cpus or os.cpu_count() or 1), "GPU": 0.0}
+    res = ray.cluster_resources()
+    return {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}
+
+
+def _check_fingerprint(sweep: Sweep) -> None:
+    stamp = sweep.dir / "sweep.json"
+    fp = sweep.fingerprint()
+    if stamp.is_file():
+        old = json.loads(stamp.read_text())["fingerprint"]
+        if old != fp:
+            raise UserError(f"{sweep.dir} holds a sweep started from a different sweep file or base config; "
+                            f"re-run with --overwrite to start over, or give the sweep another name")
+        return
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"fingerprint": fp, "sweep_file": str(sweep.path),
+                                 "config": sweep.config.model_dump(mode="json")}, indent=2))
+
+
+def _build_tuner(sweep: Sweep, concurrency: int):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    c = sweep.config
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"cpu": c.trial_cpus})
+    path = sweep.dir / "tune"
+    if tune.Tuner.can_restore(str(path)):
+        # Ray >= 2.2 (the fix for ray#30861) pickles the searcher with the experiment and loads its
+        # saved state here: OptunaSearch comes back with its study, so finished trials stay told
+        # and the sampler goes on from them instead of a fresh random search.
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False), True
+    metrics, modes = [o.metric for o in c.objectives], [o.mode for o in c.objectives]
+    sampler = optuna.samplers.TPESampler(n_startup_trials=c.n_startup_trials, seed=c.seed,
+                                         constant_liar=concurrency > 1)
+    searcher = OptunaSearch(space=SearchSpace(c.search_space), sampler=sampler,
+                            metric=metrics if len(metrics) > 1 else metrics[0],
+                            mode=modes if len(modes) > 1 else modes[0])
+    scheduler = None
+    if c.scheduler == "asha":
+        # The objective is known only after evaluation; training loss at epoch ends is the signal
+        # available while a trial runs.
+        scheduler = ASHAScheduler(metric="loss", mode="min", time_attr="training_iteration",
+                                  grace_period=c.asha_grace_period, max_t=10_000)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=c.num_samples,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep.dir), verbose=0,
+                                  callbacks=[_make_progress_callback(sweep)]))
+    return tuner, False
+
+
+def collect_trials(result_grid, objectives: list[str]) -> list[dict]:
+    rows = []
+    for r in result_grid:
+        m = dict(r.metrics or {})
+        trial_id = m.get("trial_id") or Path(r.path).name
+        status = "error" if r.error else _status(m, objectives)
+        # experiment_tag starts with the trial's number in the sweep ("3_chunk.num_chunks=4,...").
+        number = int(str(m.get("experiment_tag", "0")).split("_")[0] or 0)
+        rows.append({"number": number, "trial_id": trial_id, "params": dict(r.config or {}), "metrics": m,
+                     "status": status, "time_s": m.get("time_total_s"),
+                     "error": str(r.error).strip().splitlines()[-1] if r.error else ""})
+    return sorted(rows, key=lambda row: row["number"])
+
+
+def pareto_front(rows: list[dict], objectives: list[tuple[str, str]]) -> list[dict]:
+    """Trials no other trial beats on every objective (and strictly on one)."""
+    done = [r for r in rows if r["status"] == "done"]
+
+    def key(r):
+        return [r["metrics"][m] * (1 if mode == "max" else -1) for m, mode in objectives]
+
+    front = [r for r in done if not any(all(a >= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in done)]
+    return sorted(front, key=lambda r: [-v for v in key(r)])
+
+
+def choose(rows: list[dict], config: SweepConfig) -> list[dict]:
+    """Single objective: the best trial. Two: the Pareto front, highest first objective first."""
+    objectives = [(o.metric, o.mode) for o in config.objectives]
+    front = pareto_front(rows, objectives)
+    return front[:1] if len(objectives) == 1 else front
+
+
+def evaluate_on_test(sweep: Sweep, chosen: list[dict]) -> dict[str, dict]:
+    """The chosen configs' trained students, evaluated once on the test split (kept for resume)."""
+    from .eval import evaluate_method
+
+    out = {}
+    method = sweep.config.method
+    for row in chosen:
+        cfg = sweep.trial_config(row["params"], row["trial_id"], split="test", folder="test")
+        metrics_file = cfg.run_dir / "evals" / method / "metrics.json"
+        if not metrics_file.is_file():
+            trial_dir = sweep.dir / "trials" / row["trial_id"]
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            for folder in ("data", "students"):   # same splits, same student: nothing is retrained
+                link = cfg.run_dir / folder
+                if not link.exists():
+                    link.symlink_to(trial_dir / folder, target_is_directory=True)
+            (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            evaluate_method(cfg, method, cfg.run_dir)
+        out[row["trial_id"]] = json.loads(metrics_file.read_text())
+    return out
+
+
+def run_sweep(sweep: Sweep, overwrite: bool = False) -> Optional[Path]:
+    """Run (or continue) the sweep; returns report.md, or None when it was interrupted."""
+    from .pipeline import preflight
+    from .sweep_report import write_sweep_report
+
+    c = sweep.config
+    if overwrite and sweep.dir.exists():
+        shutil.rmtree(sweep.dir)
+    _check_fingerprint(sweep)
+    preflight(sweep.base, ("data", "chunk"))
+    demand = trial_demand(sweep.trial_config({}, "preflight"))
+    max_trials_at_once = c.max_concurrent_trials or max(1, c.n_startup_trials)
+    t0 = time.perf_counter()
+    with sweep_ray_session(sweep, extra_cpus=c.trial_cpus * max_trials_at_once) as embedded:
+        concurrency, why = plan_concurrency(c, demand, _cluster_size(sweep, embedded))
+        tuner, resumed = _build_tuner(sweep, concurrency)
+        objectives = [o.metric for o in c.objectives]
+        print(f"[sweep] {c.name}: {c.num_samples} trials of {c.method} on the validation split, objectives "
+              f"{', '.join(f'{o.metric} ({o.mode})' for o in c.objectives)}, {concurrency} at a time ({why})"
+              f"{'; resuming' if resumed else ''}. Trial logs: {sweep.dir / 'trials'}/<id>/console.log", flush=True)
+        grid = tuner.fit()
+        finished = grid.num_terminated + grid.num_errors
+        if finished < c.num_samples:   # Ctrl-C: Tune saved its state and returned early
+            print(f"[sweep] interrupted after {finished}/{c.num_samples} trials; re-run the same command to continue",
+                  flush=True)
+            return None
+        rows = collect_trials(grid, objectives)
+        chosen = choose(rows, c)
+        test = evaluate_on_test(sweep, chosen) if chosen else {}
+    wall = time.perf_counter() - t0
+    if chosen:
+        best_tree = sweep.experiment_tree(chosen[0]["params"])
+        best = validate_config(best_tree, source="best config")
+        (sweep.dir / "best_config.yaml").write_text(
+            f"# Best trial {chosen[0]['trial_id']} of sweep {c.name} ({sweep.path}); evaluated on the test split.\n"
+            f"#   cwt-ray run {sweep.dir / 'best_config.yaml'}\n" + best.to_yaml())
+    path = write_sweep_report(sweep, rows, chosen, test, wall)
+    print(f"[sweep] report: {path} (and report.html); best config: {sweep.dir / 'best_config.yaml'}", flush=True)
+    return path
