@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -439,13 +440,16 @@ def sweep_ray_session(sweep: Sweep, extra_cpus: float):
     env = {**OFFLINE_ENV, "RAY_CHDIR_TO_TRIAL_DIR": "0"}
     for key, value in env.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # A trial's training reports (streamed for ASHA) come before its validation metrics exist.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # The legacy reporter honours verbose=0 completely; the new one still prints a banner and a summary.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if "CWT_RAY_CACHE" in os.environ:
         env["CWT_RAY_CACHE"] = os.environ["CWT_RAY_CACHE"]
     address = sweep.base.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     num_cpus = None
     if address == "local":
-        num_cpus = (sweep.base.ray.num_cpus or os.cpu_count() or 1) + extra_cpus
+        num_cpus = (sweep.base.ray.num_cpus or os.cpu_count() or 1) + math.ceil(extra_cpus)   # Ray wants whole CPUs
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=sweep.base.ray.include_dashboard,
              dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, logging_level="WARNING",
              log_to_driver=False)
@@ -479,12 +483,26 @@ def _check_fingerprint(sweep: Sweep) -> None:
                                  "config": sweep.config.model_dump(mode="json")}, indent=2))
 
 
+def _searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalResultOptunaSearch(OptunaSearch):
+        """OptunaSearch told only a trial's final result. The training metrics a trial streams
+        while it runs (for ASHA) carry no validation objective, and Optuna's own pruner is not
+        used, so they are not Optuna's business."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            return None
+
+    return FinalResultOptunaSearch
+
+
 def _build_tuner(sweep: Sweep, concurrency: int):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)   # its per-trial INFO lines would double ours
     c = sweep.config
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"cpu": c.trial_cpus})
     path = sweep.dir / "tune"
@@ -496,7 +514,7 @@ def _build_tuner(sweep: Sweep, concurrency: int):
     metrics, modes = [o.metric for o in c.objectives], [o.mode for o in c.objectives]
     sampler = optuna.samplers.TPESampler(n_startup_trials=c.n_startup_trials, seed=c.seed,
                                          constant_liar=concurrency > 1)
-    searcher = OptunaSearch(space=SearchSpace(c.search_space), sampler=sampler,
+    searcher = _searcher_class()(space=SearchSpace(c.search_space), sampler=sampler,
                             metric=metrics if len(metrics) > 1 else metrics[0],
                             mode=modes if len(modes) > 1 else modes[0])
     scheduler = None

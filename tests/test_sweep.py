@@ -1,0 +1,105 @@
+"""Sweeps: search-space checks (fast, no Ray) and a real 4-trial Ray Tune + Optuna sweep with resume."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cwt_ray.config import UserError, load_config
+from cwt_ray.sweep import SweepConfig, choose, load_sweep, pareto_front, plan_concurrency, trial_demand
+
+from conftest import ROOT
+
+SMOKE_SWEEP = ROOT / "configs" / "sweep_smoke.yaml"
+
+
+def _write(tmp_path, **changes):
+    """The smoke sweep with top-level keys replaced, written next to a copy of its base."""
+    tree = yaml.safe_load(SMOKE_SWEEP.read_text())
+    tree.update(changes)
+    (tmp_path / "smoke.yaml").write_text((ROOT / "configs" / "smoke.yaml").read_text())
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"chunk.num_chunkz": {"type": "int", "low": 2, "high": 4}},
+     "search_space 'chunk.num_chunkz' = 2: unknown config key 'chunk.num_chunkz'"),
+    ({"chunk.num_chunks": {"type": "int", "low": 5, "high": 2}}, "low (5) > high (2)"),
+    ({"chunk.heuristic": {"type": "categorical", "choices": []}}, "categorical needs a non-empty 'choices' list"),
+    ({"chunk.heuristic": {"type": "categorical", "choices": ["average", "magic"]}},
+     "search_space 'chunk.heuristic' = 'magic': bad value for 'chunk.heuristic'"),
+    ({"chunk.num_chunks": {"type": "int", "low": 2, "high": 100}},
+     "search_space 'chunk.num_chunks' = 100: bad value for 'chunk.num_chunks'"),
+    ({"chunk.sbc_tau": {"type": "float", "low": 0.0, "high": 0.1, "when": {"chunk.heuristc": "sbc"}}},
+     "when refers to 'chunk.heuristc', which is not a search_space key listed before it"),
+    ({"chunk.heuristic": {"type": "categorical", "choices": ["average"]},
+      "chunk.sbc_tau": {"type": "float", "low": 0.0, "high": 0.1, "when": {"chunk.heuristic": "sbc"}}},
+     "when chunk.heuristic='sbc' is not one of that key's choices"),
+    ({"train.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, "log needs low > 0"),
+    ({"name": {"type": "categorical", "choices": ["a"]}}, "name is not searchable"),
+    ({}, "search_space"),
+])
+def test_bad_search_space_is_one_line_user_error(tmp_path, space, message):
+    with pytest.raises(UserError) as err:
+        load_sweep(_write(tmp_path, search_space=space))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_other_sweep_file_errors(tmp_path):
+    with pytest.raises(UserError, match="scheduler 'asha' needs a single objective"):
+        load_sweep(_write(tmp_path, scheduler="asha"))
+    with pytest.raises(UserError, match="unknown config key 'num_sample'"):
+        load_sweep(_write(tmp_path, num_sample=3))
+    with pytest.raises(UserError, match="base config not found"):
+        load_sweep(_write(tmp_path, base="nope.yaml"))
+    with pytest.raises(UserError, match="unknown config key 'train.lrr'"):
+        load_sweep(_write(tmp_path, overrides={"train": {"lrr": 1.0}}))
+    with pytest.raises(UserError, match="validation_size >= 1"):
+        load_sweep(_write(tmp_path, overrides={"data": {"validation_size": 0}}))
+
+
+def test_cli_reports_bad_search_space_in_one_line_exit_2_before_ray(tmp_path):
+    path = _write(tmp_path, search_space={"chunk.num_chunks": {"type": "int", "low": 4, "high": 2}})
+    proc = subprocess.run([sys.executable, "-m", "cwt_ray.cli", "sweep", str(path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "low (4) > high (2)" in proc.stderr
+    assert "ray" not in proc.stdout.lower()
+
+
+def test_trial_config_scores_on_validation_and_best_config_on_test():
+    sweep = load_sweep(SMOKE_SWEEP, ["storage_path=/tmp/x"])
+    trial = sweep.trial_config({"chunk.num_chunks": 2, "train.lr": 1e-3}, "t1")
+    assert trial.eval.split == "validation" and trial.chunk.num_chunks == 2 and trial.methods == ["cwt"]
+    assert str(trial.run_dir) == "/tmp/x/sweep_smoke/trials/t1"
+    best = sweep.experiment_tree({"chunk.num_chunks": 2})
+    assert best["eval"]["split"] == "test" and best["name"] == "sweep_smoke-best"
+
+
+def test_concurrency_is_capped_so_tpe_sees_results():
+    base = load_config(ROOT / "configs" / "smoke.yaml")
+    demand = trial_demand(base)
+    assert demand == {"CPU": 1.0, "GPU": 0.0}
+    config = SweepConfig.model_validate(yaml.safe_load(SMOKE_SWEEP.read_text()) | {"max_concurrent_trials": None,
+                                                                                    "n_startup_trials": 3})
+    assert plan_concurrency(config, demand, {"CPU": 16, "GPU": 0})[0] == 3   # fits 16, TPE cap 3
+    assert plan_concurrency(config, demand, {"CPU": 2, "GPU": 0})[0] == 2
+    with pytest.raises(UserError, match="one trial needs 4 CPU"):
+        plan_concurrency(config, {"CPU": 4.0, "GPU": 0.0}, {"CPU": 2, "GPU": 0})
+
+
+def test_pareto_front_and_choice():
+    def row(n, acc, tok):
+        return {"number": n, "trial_id": str(n), "status": "done", "params": {},
+                "metrics": {"accuracy": acc, "tokens_generated": tok}}
+
+    rows = [row(1, 0.5, 40), row(2, 0.5, 30), row(3, 0.25, 10), row(4, 0.25, 20), row(5, 0.75, 60)]
+    front = pareto_front(rows, [("accuracy", "max"), ("tokens_generated", "min")])
+    assert [r["number"] for r in front] == [5, 2, 3]
+    config = SweepConfig.model_validate(yaml.safe_load(SMOKE_SWEEP.read_text()))
+    assert [r["number"] for r in choose(rows, config)] == [5, 2, 3]
+    single = config.model_copy(update={"objectives": config.objectives[:1]})
+    assert [r["number"] for r in choose(rows, single)] == [5]
