@@ -446,6 +446,9 @@ def sweep_ray_session(sweep: Sweep, extra_cpus: float):
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if "CWT_RAY_CACHE" in os.environ:
         env["CWT_RAY_CACHE"] = os.environ["CWT_RAY_CACHE"]
+    if ray.is_initialized():   # a caller's cluster (tests): use it as it is
+        yield False
+        return
     address = sweep.base.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     num_cpus = None
     if address == "local":
@@ -547,13 +550,19 @@ def collect_trials(result_grid, objectives: list[str]) -> list[dict]:
 
 
 def pareto_front(rows: list[dict], objectives: list[tuple[str, str]]) -> list[dict]:
-    """Trials no other trial beats on every objective (and strictly on one)."""
-    done = [r for r in rows if r["status"] == "done"]
+    """Trials no other trial beats on every objective (and strictly on one); of trials with equal
+    scores only the earliest is kept, so each point of the front is evaluated on test once."""
+    done = sorted((r for r in rows if r["status"] == "done"), key=lambda r: r["number"])
 
     def key(r):
         return [r["metrics"][m] * (1 if mode == "max" else -1) for m, mode in objectives]
 
-    front = [r for r in done if not any(all(a >= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in done)]
+    front, seen = [], set()
+    for r in done:
+        dominated = any(all(a >= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in done)
+        if not dominated and tuple(key(r)) not in seen:
+            front.append(r)
+            seen.add(tuple(key(r)))
     return sorted(front, key=lambda r: [-v for v in key(r)])
 
 

@@ -96,10 +96,62 @@ def test_pareto_front_and_choice():
         return {"number": n, "trial_id": str(n), "status": "done", "params": {},
                 "metrics": {"accuracy": acc, "tokens_generated": tok}}
 
-    rows = [row(1, 0.5, 40), row(2, 0.5, 30), row(3, 0.25, 10), row(4, 0.25, 20), row(5, 0.75, 60)]
+    rows = [row(1, 0.5, 40), row(2, 0.5, 30), row(3, 0.25, 10), row(4, 0.25, 20), row(5, 0.75, 60), row(6, 0.5, 30)]
     front = pareto_front(rows, [("accuracy", "max"), ("tokens_generated", "min")])
     assert [r["number"] for r in front] == [5, 2, 3]
     config = SweepConfig.model_validate(yaml.safe_load(SMOKE_SWEEP.read_text()))
     assert [r["number"] for r in choose(rows, config)] == [5, 2, 3]
     single = config.model_copy(update={"objectives": config.objectives[:1]})
     assert [r["number"] for r in choose(rows, single)] == [5]
+
+
+@pytest.mark.slow
+def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(tmp_path, capsys):
+    """4 trials through real Ray Tune + Optuna on the tiny student: SIGINT (as Ctrl-C) after 2
+    trials, the same command again finishes the other 2 without redoing any, with the sampler's
+    state restored; then the report, and best_config.yaml through `cwt-ray run`."""
+    import pickle
+
+    from cwt_ray.cli import main
+    from cwt_ray.pipeline import run_stages
+
+    args = ["sweep", str(SMOKE_SWEEP), f"storage_path={tmp_path}"]
+    assert main(args + ["debug.stop_after_trials=2"]) == 130
+    first = capsys.readouterr().out
+    first_ids = [line.split()[3] for line in first.splitlines() if line.startswith("[sweep] trial ")]
+    assert len(first_ids) == 2 and "interrupted after 2/4 trials" in first
+
+    assert main(args) == 0
+    second = capsys.readouterr().out
+    second_ids = [line.split()[3] for line in second.splitlines() if line.startswith("[sweep] trial ")]
+    assert "resuming" in second and len(second_ids) == 2 and not set(second_ids) & set(first_ids)
+    for out in (first, second):   # one line per trial, no Tune status table
+        assert "Trial name" not in out and "│" not in out and "╭" not in out
+
+    sweep_dir = tmp_path / "sweep_smoke"
+    rows = json.loads((sweep_dir / "trials.json").read_text())
+    assert sorted(r["trial_id"] for r in rows) == sorted(first_ids + second_ids)
+    assert all(r["status"] == "done" and r["metrics"]["n"] == 4 for r in rows)   # 4 validation questions
+    for trial_id in first_ids:   # trained once: the resumed run did not redo it
+        assert (sweep_dir / "trials" / trial_id / "console.log").read_text().count("[train cwt] done") == 1
+    assert all("data" in r["metrics"]["reused"] for r in rows[1:])   # shared splits, not regenerated
+    # ray#30861: the restored searcher is our OptunaSearch, and its study holds all 4 trials.
+    state_file = max((sweep_dir / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    study = pickle.loads(state_file.read_bytes())["_ot_study"]
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
+
+    report = (sweep_dir / "report.md").read_text()
+    for section in ("evaluated once on the test split", "Accuracy vs tokens generated", "Optimisation history",
+                    "Parameter importances", "All trials", "What a trial costs"):
+        assert section in report
+    page = (sweep_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "src='http" not in page
+    assert (sweep_dir / "optuna.db").stat().st_size > 0
+    test_evals = list((sweep_dir / "test").glob("*/evals/cwt/metrics.json"))
+    assert test_evals and all(json.loads(p.read_text())["split"] == "test" for p in test_evals)
+
+    best = load_config(sweep_dir / "best_config.yaml")
+    chosen = next(r for r in rows if f"Best trial {r['trial_id']}" in (sweep_dir / "best_config.yaml").read_text())
+    assert best.eval.split == "test" and best.chunk.num_chunks == chosen["params"]["chunk.num_chunks"]
+    assert best.train.lr == pytest.approx(chosen["params"]["train.lr"])
+    assert run_stages(best).name == "report.md"
