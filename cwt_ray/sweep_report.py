@@ -258,7 +258,8 @@ def write_sweep_report(sweep: Sweep, rows: list[dict], chosen: list[dict], test:
         body = []
         for r in chosen:
             t = test.get(r["trial_id"], {})
-            body.append([f"{r['number']} `{r['trial_id']}`", *[_fmt(r["params"].get(k), ".3g") for k in keys],
+            body.append([f"{r['number']} `{r['trial_id']}`", *[_fmt(r["params"][k], ".3g") if k in r["params"] else "-"
+                                                                for k in keys],
                          *[_fmt(r["metrics"][m]) for m, _ in objectives], _fmt(t.get("accuracy")),
                          _fmt(t.get("tokens_generated"), ".1f"), _fmt(t.get("complete"), ".2f"), _fmt(t.get("n"))])
         blocks += [("table", header, body),

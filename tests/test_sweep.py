@@ -106,7 +106,7 @@ def test_pareto_front_and_choice():
 
 
 @pytest.mark.slow
-def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(tmp_path, capsys):
+def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(ray_cluster, tmp_path, capsys):
     """4 trials through real Ray Tune + Optuna on the tiny student: SIGINT (as Ctrl-C) after 2
     trials, the same command again finishes the other 2 without redoing any, with the sampler's
     state restored; then the report, and best_config.yaml through `cwt-ray run`."""
@@ -136,7 +136,7 @@ def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(tmp_path, c
         assert (sweep_dir / "trials" / trial_id / "console.log").read_text().count("[train cwt] done") == 1
     assert all("data" in r["metrics"]["reused"] for r in rows[1:])   # shared splits, not regenerated
     # ray#30861: the restored searcher is our OptunaSearch, and its study holds all 4 trials.
-    state_file = max((sweep_dir / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    state_file = max((sweep_dir / "tune").glob("searcher-state-*.pkl"))   # named by session start time
     study = pickle.loads(state_file.read_bytes())["_ot_study"]
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
 
@@ -155,3 +155,32 @@ def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(tmp_path, c
     assert best.eval.split == "test" and best.chunk.num_chunks == chosen["params"]["chunk.num_chunks"]
     assert best.train.lr == pytest.approx(chosen["params"]["train.lr"])
     assert run_stages(best).name == "report.md"
+
+
+def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(tmp_path):
+    """The report on its own (no Ray): 6 finished trials where train.lr decides accuracy, one failed."""
+    from cwt_ray.sweep_report import param_importances, write_sweep_report
+
+    sweep = load_sweep(SMOKE_SWEEP, [f"storage_path={tmp_path}"])
+    sweep.dir.mkdir(parents=True)
+    rows = []
+    for n, (k, lr) in enumerate([(2, 1e-4), (3, 3e-4), (2, 1e-3), (3, 2e-3), (3, 3e-3), (2, 5e-4)], start=1):
+        metrics = {"accuracy": lr * 100, "tokens_generated": 10.0 + k, "n": 4, "loss": 1.0, "trial_wall_s": 30.0,
+                   "fixed_s": 20.0, "reused": "data", "prepare_s": 1.0, "train_wall_s": 10.0, "train_step_s": 5.0,
+                   "eval_wall_s": 5.0, "generate_s": 2.0}
+        rows.append({"number": n, "trial_id": f"t{n}", "status": "done", "error": "",
+                     "params": {"chunk.num_chunks": k, "train.lr": lr, "train.lr_schedule": "constant"},
+                     "metrics": metrics})
+    rows.append({"number": 7, "trial_id": "t7", "status": "error", "error": "ValueError: boom", "params": {},
+                 "metrics": {}})
+    importances, note = param_importances(sweep, rows)
+    assert not note and max(importances["accuracy"], key=importances["accuracy"].get) == "train.lr"
+    chosen = choose(rows, sweep.config)
+    assert [r["trial_id"] for r in chosen] == ["t5", "t3"]   # most accurate; then fewer tokens for less accuracy
+    (sweep.dir / "best_config.yaml").write_text("name: x\n")
+    path = write_sweep_report(sweep, rows, chosen, {"t5": {"accuracy": 0.5, "tokens_generated": 12.0, "n": 8}}, 60.0)
+    text = path.read_text()
+    assert "| 7 | `t7` | error: ValueError: boom |" in text and "importances.png" in text
+    page = (sweep.dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<td>error: ValueError: boom</td>" in page
+    assert param_importances(sweep, rows[:1])[1] == "needs at least 2 finished trials, this sweep has 1"
