@@ -274,6 +274,9 @@ def plan_concurrency(config: SweepConfig, demand: dict[str, float], cluster: dic
         why = "set in the sweep file"
         if n > fits:
             why += f"; only {fits} fit the cluster now, the rest queue"
+        if n > max(1, config.n_startup_trials):
+            why += (f"; more than n_startup_trials={config.n_startup_trials} in flight, so some TPE suggestions "
+                    f"come before the results they could use")
     else:
         n = max(1, min(fits, config.n_startup_trials or 1, config.num_samples))
         why = f"{fits} fit the cluster, capped at n_startup_trials={config.n_startup_trials} so TPE sees results"

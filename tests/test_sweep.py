@@ -48,6 +48,13 @@ def test_bad_search_space_is_one_line_user_error(tmp_path, space, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_sweep_configs_in_repo_validate():
+    paths = sorted((ROOT / "configs").glob("sweep_*.yaml"))
+    assert len(paths) >= 2
+    for path in paths:
+        assert load_sweep(path).config.search_space
+
+
 def test_other_sweep_file_errors(tmp_path):
     with pytest.raises(UserError, match="scheduler 'asha' needs a single objective"):
         load_sweep(_write(tmp_path, scheduler="asha"))
