@@ -191,3 +191,13 @@ def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(
     page = (sweep.dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>error: ValueError: boom</td>" in page
     assert param_importances(sweep, rows[:1])[1] == "needs at least 2 finished trials, this sweep has 1"
+
+
+def test_changed_sweep_file_is_not_resumed_into_an_old_sweep(tmp_path):
+    from cwt_ray.sweep import run_sweep
+
+    old = load_sweep(SMOKE_SWEEP, [f"storage_path={tmp_path}"])
+    old.dir.mkdir(parents=True)
+    (old.dir / "sweep.json").write_text(json.dumps({"fingerprint": "something-else"}))
+    with pytest.raises(UserError, match="different sweep file or base config; re-run with --overwrite"):
+        run_sweep(old)
