@@ -142,6 +142,7 @@ def plot_history(rows: list[dict], objectives: list[tuple[str, str]], out: Path)
             best.append(running)
         ax.scatter(xs, ys, color="tab:blue", label="trial")
         ax.step(xs, best, where="post", color="tab:red", label=f"best so far ({mode})")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("trial number")
         ax.set_ylabel(f"{metric} (validation)")
         ax.grid(alpha=0.3)
@@ -286,7 +287,7 @@ def write_sweep_report(sweep: Sweep, rows: list[dict], chosen: list[dict], test:
     else:
         blocks += [("p", f"Not available: {note}.")]
     # Every trial
-    header = ["#", "trial", "status", *keys, "accuracy", "tokens generated", "complete", "final train loss",
+    header = ["#", "trial", "status", *keys, "accuracy", "tokens generated", "complete", "last train loss",
               "time s", "fixed s", "reused"]
     body = [[r["number"], f"`{r['trial_id']}`", r["status"] + (f": {r['error'][:80]}" if r["error"] else ""),
              *[_fmt(r["params"].get(k), ".3g") if k in r["params"] else "-" for k in keys],
