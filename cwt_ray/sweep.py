@@ -29,6 +29,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from ray.tune.search.optuna import OptunaSearch
+
 from .config import (ExperimentConfig, UserError, _format_error, _set_dotted, _Strict, parse_overrides,
                      validate_config)
 
@@ -229,8 +231,24 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 
 # ---------------------------------------------------------------------------------------------
-# Search space and concurrency
+# Search space, searcher and concurrency
 # ---------------------------------------------------------------------------------------------
+
+class FinalResultOptunaSearch(OptunaSearch):
+    """OptunaSearch told only a trial's final result. The training metrics a trial streams while it
+    runs (for ASHA) carry no validation objective and Optuna's pruner is not used, so they are not
+    Optuna's business. A trial that errors is not told either: when the error was an interruption
+    (Ctrl-C reaches the trial's processes too), the resumed sweep runs the trial again and tells
+    Optuna its real result, which a recorded failure would block. Module level, so Tune's pickled
+    experiment state refers to this code by name."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if not error:
+            super().on_trial_complete(trial_id, result, error)
+
 
 class SearchSpace:
     """Optuna define-by-run space: a conditional key is asked for only when its `when` holds, so
@@ -489,20 +507,6 @@ def _check_fingerprint(sweep: Sweep) -> None:
                                  "config": sweep.config.model_dump(mode="json")}, indent=2))
 
 
-def _searcher_class():
-    from ray.tune.search.optuna import OptunaSearch
-
-    class FinalResultOptunaSearch(OptunaSearch):
-        """OptunaSearch told only a trial's final result. The training metrics a trial streams
-        while it runs (for ASHA) carry no validation objective, and Optuna's own pruner is not
-        used, so they are not Optuna's business."""
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            return None
-
-    return FinalResultOptunaSearch
-
-
 def _build_tuner(sweep: Sweep, concurrency: int):
     import optuna
     from ray import tune
@@ -516,11 +520,13 @@ def _build_tuner(sweep: Sweep, concurrency: int):
         # Ray >= 2.2 (the fix for ray#30861) pickles the searcher with the experiment and loads its
         # saved state here: OptunaSearch comes back with its study, so finished trials stay told
         # and the sampler goes on from them instead of a fresh random search.
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False), True
+        # resume_errored: a trial that died with the interrupted driver is run again (from the
+        # start of its stages; finished stages and Ray Train checkpoints in its run dir are kept).
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True), True
     metrics, modes = [o.metric for o in c.objectives], [o.mode for o in c.objectives]
     sampler = optuna.samplers.TPESampler(n_startup_trials=c.n_startup_trials, seed=c.seed,
                                          constant_liar=concurrency > 1)
-    searcher = _searcher_class()(space=SearchSpace(c.search_space), sampler=sampler,
+    searcher = FinalResultOptunaSearch(space=SearchSpace(c.search_space), sampler=sampler,
                             metric=metrics if len(metrics) > 1 else metrics[0],
                             mode=modes if len(modes) > 1 else modes[0])
     scheduler = None
@@ -536,6 +542,14 @@ def _build_tuner(sweep: Sweep, concurrency: int):
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep.dir), verbose=0,
                                   callbacks=[_make_progress_callback(sweep)]))
     return tuner, False
+
+
+def _finished_trials(path: Path) -> int:
+    """Trials the saved experiment state holds as finished: what a resume would not run again.
+    (After Ctrl-C, in-memory statuses of the stopped trial vary; the saved state is what counts.)"""
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(path)).trials)
 
 
 def collect_trials(result_grid, objectives: list[str]) -> list[dict]:
@@ -619,7 +633,7 @@ def run_sweep(sweep: Sweep, overwrite: bool = False) -> Optional[Path]:
               f"{', '.join(f'{o.metric} ({o.mode})' for o in c.objectives)}, {concurrency} at a time ({why})"
               f"{'; resuming' if resumed else ''}. Trial logs: {sweep.dir / 'trials'}/<id>/console.log", flush=True)
         grid = tuner.fit()
-        finished = grid.num_terminated + grid.num_errors
+        finished = _finished_trials(sweep.dir / "tune")
         if finished < c.num_samples:   # Ctrl-C: Tune saved its state and returned early
             print(f"[sweep] interrupted after {finished}/{c.num_samples} trials; re-run the same command to continue",
                   flush=True)
