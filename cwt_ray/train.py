@@ -164,14 +164,18 @@ def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer):
     from .chunk import read_chunks
     from .data import read_records
     from .samples import SampleBuilder, build_samples
+    from .skip import read_skips
 
     records = read_records(run_dir / "data" / "train.parquet")
-    chunks = {}
-    if method == "cwt":
+    chunks, skips = {}, None
+    if method in ("cwt", "stt"):
         table = read_chunks(run_dir / "chunks" / "train")
         chunks = dict(zip(table.column("id").to_pylist(), table.column("chunks").to_pylist()))
         records = [r for r in records if r["id"] in chunks]   # rationales the chunk stage rejected
-    return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks, cfg.train.cwt_schedule)
+    if method == "stt":
+        skips = read_skips(run_dir / "skips" / "train")
+    return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks, cfg.train.cwt_schedule,
+                         skips_by_id=skips, chunk_mix=cfg.stt.chunk_mix, seed=cfg.train.seed)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -249,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
         log.info(f"[train {method}] {len(samples)} samples ({dropped} dropped: longer than student.max_length), "
                  f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}")
     model.train()
-    schedule = tcfg.cwt_schedule if method == "cwt" else "shuffle"
+    schedule = tcfg.cwt_schedule if method in ("cwt", "stt") else "shuffle"
     order, order_epoch = [], -1
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):

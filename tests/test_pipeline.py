@@ -121,3 +121,38 @@ def test_chunk_stage_on_ray_data_writes_chunks_summary_view_and_rejects(ray_clus
         assert summary["sbc"]["candidates_scored"] > summary["sbc"]["searched"]
     else:
         assert all(len(c["boundary_scores"]) == c["num_chunks"] - 1 for c in chunks)
+
+
+def test_stt_end_to_end_cwt_skip_data_stt_and_skip_aware_eval(ray_cluster, smoke_cfg, capsys):
+    """CWT -> skip data (NLL gate, every middle chunk passes a 100-nat threshold) -> STT ->
+    skip-aware evaluation, through real Ray; then an inference-only knob redoes only eval/stt."""
+    from cwt_ray.cli import main
+    from cwt_ray.skip import STATUSES
+
+    overrides = ["name=stt", "methods=[std_cot,cwt,stt]", "stt.threshold=100", "stt.require_correct=false",
+                 "eval.latency_questions=2"]
+    cfg = smoke_cfg(*overrides)
+    report = run_stages(cfg)
+    run_dir = cfg.run_dir
+    summary = json.loads((run_dir / "skips" / "train" / "summary.json").read_text())
+    assert summary["rationales_in"] == summary["rationales_out"] == sum(summary[s] for s in STATUSES) == 32
+    assert summary["skipped"] > 0 and summary["chunks_skipped"] == summary["skippable_chunks"]
+    skips = pq.read_table(run_dir / "skips" / "train" / "skips.parquet").to_pylist()
+    assert all(r["skip_sets"] == [[2]] for r in skips if r["num_chunks"] == 3)   # K=3: only chunk 2 is middle
+    info = json.loads((run_dir / "students" / "stt" / "cwt_student.json").read_text())
+    assert info["method"] == "stt" and info["skip_style"] == "marker"
+    ev = json.loads((run_dir / "evals" / "stt" / "metrics.json").read_text())
+    assert ev["n"] == 8 and ev["latency_n"] == 2 and ev["latency_batch_size"] == 1 and "skipped_per_answer" in ev
+    assert len(pq.read_table(run_dir / "evals" / "stt" / "latency.parquet")) == 2
+    text = report.read_text()
+    assert "| STT |" in text and "## Skip data (STT)" in text and "batch-1 latency" in text
+
+    capsys.readouterr()
+    run_stages(smoke_cfg(*overrides, "stt.skip_confidence=0.5"))
+    out = capsys.readouterr().out
+    assert "[skip] up to date" in out and "[train stt] up to date" in out
+    assert "[eval cwt] up to date" in out and "[eval stt] up to date" not in out
+
+    assert main(["generate", str(run_dir / "students" / "stt"), "Tom has 3 apples. How many?",
+                 "--max-new-tokens", "8", "--skip-confidence", "0.5"]) == 0
+    assert "answer:" in capsys.readouterr().out
