@@ -207,6 +207,12 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1, description="Optimizer steps between progress lines / ray.train.report calls.")
     seed: int = 0
+    checkpoint_every: Optional[int] = Field(
+        None, ge=1, description="Also checkpoint every N optimizer steps (always at each epoch end and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the last M checkpoints of a run (older ones are deleted).")
+    gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing: less memory, ~30% more compute.")
+    compile: bool = Field(False, description="torch.compile the student's forward (GPU runs; slow to start on CPU).")
+    fused_adamw: Optional[bool] = Field(None, description="Fused AdamW kernel; None = on when training on GPU.")
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
@@ -225,7 +231,9 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1, description="Ray Data generation actors.")
     cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per generation actor (fractions allowed).")
+    gpus_per_actor: Optional[float] = Field(
+        None, ge=0, description="GPUs per generation actor (fractions allowed). None: one GPU per actor when "
+                                "the cluster has GPUs, else none.")
     limit: Optional[int] = Field(None, ge=1, description="Evaluate only the first N questions of the split.")
     latency_questions: int = Field(
         50, ge=0, description="Batch-1 latency is measured on the first N questions of the split (sorted by id), "

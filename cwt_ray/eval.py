@@ -120,12 +120,15 @@ def _generate_records(ds, cfg: ExperimentConfig, method: str, student_dir: Path,
     import ray.data
 
     ecfg = cfg.eval
+    gpus = ecfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     records = ds.map_batches(
         Generator,
         fn_constructor_kwargs={"student_dir": str(student_dir), "method": method,
                                "cfg": cfg.model_dump(mode="json"), "num_threads": int(ecfg.cpus_per_actor)},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor or None, batch_format="pyarrow",
+        num_cpus=ecfg.cpus_per_actor, num_gpus=gpus or None, batch_format="pyarrow",
     )
     # One small row per question: collected on the driver, written once.
     batches = list(records.iter_batches(batch_format="pyarrow", batch_size=None))

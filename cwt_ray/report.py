@@ -78,7 +78,9 @@ def write_report(cfg: ExperimentConfig, run_dir: Path) -> Path:
         training.append(f"| {name} | {_fmt(t.get('first_loss'), '.3f')} -> {_fmt(t.get('final_loss'), '.3f')} "
                         f"| {t.get('steps', 'n/a')} | {_fmt(t.get('train_time_s'), '.0f')} | {_fmt(t.get('processed_tokens_per_s'), '.0f')} "
                         f"| {_fmt(t.get('supervised_tokens_per_s'), '.0f')} | {_fmt(t.get('processed_per_supervised_token'), '.2f')} "
-                        f"| {_fmt(t.get('real_token_ratio'), '.2f')} |")
+                        f"| {_fmt(t.get('real_token_ratio'), '.2f')} "
+                        f"| {', '.join(f'{k} {v:.3f}' for k, v in (t.get('final_loss_by_kind') or {}).items()) or 'n/a'} "
+                        f"| {_fmt(t.get('peak_memory_gb'), '.2f')} | {_fmt(t.get('mfu'), '.1%')} |")
     plotted = plot_losses(run_dir, methods, run_dir / "loss_curves.png")
     data_summary = _read_json(run_dir / "data" / "summary.json") or {}
     e0 = next((m["eval"] for m in metrics.values() if m.get("eval")), {})
@@ -107,12 +109,14 @@ def write_report(cfg: ExperimentConfig, run_dir: Path) -> Path:
         "## Training",
         "",
         "| method | loss first -> last | steps | train s | processed tok/s | supervised tok/s "
-        "| processed per supervised token | real-token ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| processed per supervised token | real-token ratio | loss by target (last 10 steps) | peak memory GB | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *training,
         "",
         "Training throughput excludes the first (warm-up) step. *Processed* tokens are the non-padding tokens the "
-        "student ran forward; *supervised* tokens are those the loss saw. STT continues from the CWT student.",
+        "student ran forward; *supervised* tokens are those the loss saw. STT continues from the CWT student. "
+        "Peak memory: GPU allocated by torch, or the CPU worker's peak resident set. MFU (GPU only): "
+        "6 x parameters x processed tokens/s over the GPUs' dense bf16 peak.",
         "",
     ]
     if plotted:

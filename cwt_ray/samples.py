@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from .config import ExperimentConfig
 
 IGNORE = -100
+# Kinds of target, for loss metrics split by stage: a whole rationale (Std-CoT), a chunk stage, the
+# answer stage, a skipped stage (skip text + next marker).
+KIND_RATIONALE, KIND_CHUNK, KIND_ANSWER, KIND_SKIP = 1, 2, 3, 4
+KIND_NAMES = {KIND_RATIONALE: "rationale", KIND_CHUNK: "chunk", KIND_ANSWER: "answer", KIND_SKIP: "skip"}
 ANSWER_STAGE = 0   # stage id of the answer-stage sample; chunk stages are 1..K
 FULL = -1          # a Std-CoT sample
 SINGLE_PASS = -2   # a CWT rationale with all its stages in one sequence
@@ -32,6 +36,8 @@ class Sample:
     # Target group of each token (1..G; 0 where unsupervised). A group is what the `chunk` loss
     # normaliser averages over: one per sample, except single-pass samples (one per stage).
     groups: list[int] | None = None
+    # What each target group is (KIND_*), for per-stage loss metrics; index 0 is unused.
+    group_kinds: list[int] | None = None
 
     @property
     def supervised(self) -> int:
@@ -43,6 +49,10 @@ class Sample:
 
     def token_groups(self) -> list[int]:
         return self.groups if self.groups else [int(t != IGNORE) for t in self.labels]
+
+    def token_kinds(self) -> list[int]:
+        kinds = self.group_kinds or [0, KIND_RATIONALE]
+        return [kinds[g] for g in self.token_groups()]
 
 
 class SampleBuilder:
@@ -102,10 +112,14 @@ class SampleBuilder:
             target = [(chunk, True), (next_marker, True)]
             if last and self.answer_stage == "with_last_chunk":
                 target.append((self.answer(record["answer"]), True))
-            samples.append(self._sample(record["id"], i, context + target, eos=last and self.answer_stage == "with_last_chunk"))
+            sample = self._sample(record["id"], i, context + target, eos=last and self.answer_stage == "with_last_chunk")
+            sample.group_kinds = [0, KIND_SKIP if chunk.rstrip("\n") == self.skip_text else KIND_CHUNK]
+            samples.append(sample)
             context = context + [(chunk, False), (next_marker, False)]
         if self.answer_stage == "separate":
-            samples.append(self._sample(record["id"], ANSWER_STAGE, context + [(self.answer(record["answer"]), True)], eos=True))
+            sample = self._sample(record["id"], ANSWER_STAGE, context + [(self.answer(record["answer"]), True)], eos=True)
+            sample.group_kinds = [0, KIND_ANSWER]
+            samples.append(sample)
         return samples
 
     def stage_sequence(self, record: dict, chunks: list[str], stages: list[int] | None = None) -> tuple[list[int], list[int]]:
@@ -140,9 +154,12 @@ class SampleBuilder:
 
     def single_pass(self, record: dict, chunks: list[str], stages: list[int] | None = None) -> Sample:
         """All stages of a rationale in one sequence, each stage its own target group."""
-        ids, stages = self.stage_sequence(record, chunks, stages)
-        labels = [t if st else IGNORE for t, st in zip(ids, stages)]
-        return Sample(record["id"], SINGLE_PASS, ids, labels, stages)
+        ids, token_stages = self.stage_sequence(record, chunks, stages)
+        labels = [t if st else IGNORE for t, st in zip(ids, token_stages)]
+        kinds = [0] + [KIND_SKIP if c == self.skip_text else KIND_CHUNK for c in chunks]
+        if self.answer_stage == "separate":
+            kinds.append(KIND_ANSWER)
+        return Sample(record["id"], SINGLE_PASS, ids, labels, token_stages, kinds)
 
     def inference_prefix(self, question: str, method: str) -> list[int]:
         """Token ids a student of `method` continues from at evaluation (same pieces as training)."""

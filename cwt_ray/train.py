@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ExperimentConfig
-from .samples import IGNORE, Sample
+from .samples import IGNORE, KIND_NAMES, Sample
 
 # Ray forwards a worker's print() twice under Train V2; a logger's records come through once.
 log = logging.getLogger("cwt_ray.train")
@@ -85,20 +85,24 @@ def micro_batches(share: list[int], samples: list[Sample], micro: int) -> list[l
     return [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
 
 
-def collate(batch: list[Sample], pad_id: int):
-    """Right padding (left-padded training batches gave NaN losses under bf16 SDPA on an H200)."""
+def collate(batch: list[Sample], pad_id: int, with_kinds: bool = False):
+    """Right padding (left-padded training batches gave NaN losses under bf16 SDPA on an H200).
+    With `with_kinds`, also each token's target kind (samples.KIND_*), for per-stage metrics."""
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     groups = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    kinds = torch.zeros((len(batch), width), dtype=torch.long)
     for row, s in enumerate(batch):
         n = len(s.input_ids)
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         groups[row, :n] = torch.tensor(s.token_groups())
         mask[row, :n] = 1
-    return ids, labels, groups, mask
+        if with_kinds:
+            kinds[row, :n] = torch.tensor(s.token_kinds())
+    return (ids, labels, groups, mask, kinds) if with_kinds else (ids, labels, groups, mask)
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -178,6 +182,40 @@ def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer):
                          skips_by_id=skips, chunk_mix=cfg.stt.chunk_mix, seed=cfg.train.seed)
 
 
+# Dense bf16 peak of the GPUs we know, for the MFU estimate (6 x parameters x tokens per step).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gb(device) -> float:
+    """GPU: peak allocated by torch; CPU: the worker process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -215,19 +253,31 @@ def train_loop_per_worker(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint else nullcontext(student_path) as source:
         model = load_model(source, cfg.student.trust_remote_code)
         model.config.use_cache = False
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        if tcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fused = tcfg.fused_adamw if tcfg.fused_adamw is not None else device.type == "cuda"
+        model.to(device)   # the fused kernel needs the parameters on their device before it is built
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
         if checkpoint:
+            # weights_only: a checkpoint is data, never code (RNG states are tensors and tuples)
             state = torch.load(os.path.join(source, "train_state.pt"), weights_only=True)
             if "optimizer" in state:   # the final checkpoint keeps only its step
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
+            if "rng" in state:
+                set_rng_state(state["rng"])
             start_step = int(state["step"])
             log_rows = [json.loads(line) for line in Path(source, TRAIN_LOG).read_text().splitlines()]
             if rank == 0:
                 log.info(f"[train {method}] resumed from checkpoint at step {start_step}")
     raw_model = model
-    model = ray.train.torch.prepare_model(SupervisedLoss(model))   # DDP wraps the loss module
+    loss_module = SupervisedLoss(model)
+    if tcfg.compile:
+        loss_module = torch.compile(loss_module)
+    model = ray.train.torch.prepare_model(loss_module)   # DDP wraps the loss module
+    flops_peak = peak_flops(device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
 
     def save(step: int, final: bool) -> None:
@@ -241,9 +291,10 @@ def train_loop_per_worker(config: dict) -> None:
             tokenizer.save_pretrained(d)
             write_student_json(Path(d), config["student_info"])
             Path(d, TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+            # The data position is the step: each epoch's order is a pure function of (seed, epoch).
             state = {"step": step}
             if not final:   # the final student needs no optimizer state (twice the model's size)
-                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
             torch.save(state, os.path.join(d, "train_state.pt"))
             if final:
                 Path(d, TRAIN_METRICS).write_text(json.dumps(summary(log_rows, len(samples), dropped, world), indent=2))
@@ -269,9 +320,10 @@ def train_loop_per_worker(config: dict) -> None:
         step_info = {"tokens": step_tokens, "samples": len(global_batch),
                      "groups": sum(samples[i].num_groups for i in global_batch)}
         mbs = micro_batches(worker_share(global_batch, rank, world), samples, tcfg.micro_batch_size)
-        local = torch.zeros(4, dtype=torch.float64)   # loss, processed (real) tokens, computed tokens, stage-0 n/a
+        # loss, processed (real) tokens, computed tokens, then token-loss sum and count per target kind
+        local = torch.zeros(3 + 2 * (len(KIND_NAMES) + 1), dtype=torch.float64)
         for j, mb in enumerate(mbs):
-            ids, labels, groups, mask = (t.to(device) for t in collate([samples[i] for i in mb], tokenizer.pad_token_id))
+            ids, labels, groups, mask, kinds = (t.to(device) for t in collate([samples[i] for i in mb], tokenizer.pad_token_id, True))
             sync = nullcontext() if j == len(mbs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast:
@@ -281,6 +333,11 @@ def train_loop_per_worker(config: dict) -> None:
             local[0] += loss.detach().double().cpu()
             local[1] += mask.sum().item()
             local[2] += mask.numel()
+            tok_kinds = kinds[:, 1:][labels[:, 1:] != IGNORE]   # same order as tok_loss
+            n_kinds = len(KIND_NAMES) + 1
+            local[3:3 + n_kinds] += torch.zeros(n_kinds, dtype=torch.float64, device=device).index_add(
+                0, tok_kinds, tok_loss.detach().double()).cpu()
+            local[3 + n_kinds:] += torch.bincount(tok_kinds, minlength=n_kinds).double().cpu()
         if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
             raise FloatingPointError(f"non-finite gradient at step {step + 1} ({method})")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or float("inf"))
@@ -291,9 +348,15 @@ def train_loop_per_worker(config: dict) -> None:
         if world > 1:
             torch.distributed.all_reduce(local)
         dt = time.perf_counter() - t0
+        n_kinds = len(KIND_NAMES) + 1
+        sums, counts = local[3:3 + n_kinds], local[3 + n_kinds:]
         row = {"step": step + 1, "epoch": round(step / steps_per_epoch, 4), "loss": float(local[0]), "lr": lr,
                "grad_norm": float(grad_norm), "supervised_tokens": step_tokens, "processed_tokens": int(local[1]),
-               "computed_tokens": int(local[2]), "step_time_s": dt}
+               "computed_tokens": int(local[2]), "step_time_s": dt,
+               # mean token loss of each kind of target in this step (chunk stages, answer, skip, ...)
+               "loss_by_kind": {name: float(sums[k] / counts[k]) for k, name in KIND_NAMES.items() if counts[k]}}
+        if flops_peak:
+            row["mfu"] = 6 * n_params * row["processed_tokens"] / dt / (flops_peak * world)
         log_rows.append(row)
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"non-finite loss at step {step + 1} ({method})")
@@ -304,8 +367,10 @@ def train_loop_per_worker(config: dict) -> None:
             log.info(f"[train {method}] step {done}/{total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
                      f"lr {lr:.2e} tok/s {row['processed_tokens'] / dt:.0f} sup tok/s {step_tokens / dt:.0f} "
                      f"ETA {_fmt_eta(eta)}")
-        if done < total_steps and done % steps_per_epoch == 0:
+        if done < total_steps and (done % steps_per_epoch == 0 or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)):
             save(done, final=False)
+    if log_rows:
+        log_rows[-1]["peak_memory_gb"] = peak_memory_gb(device)   # rank 0's; in the final checkpoint's log
     save(total_steps, final=True)
 
 
@@ -325,7 +390,19 @@ def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) ->
         "supervised_tokens_per_s": sum(r["supervised_tokens"] for r in steady) / wall,
         "real_token_ratio": processed / computed if computed else None,
         "processed_per_supervised_token": processed / max(1, sum(r["supervised_tokens"] for r in log_rows)),
+        "peak_memory_gb": log_rows[-1].get("peak_memory_gb") if log_rows else None,
+        "mfu": (sum(r["mfu"] for r in steady) / len(steady)) if steady and "mfu" in steady[0] else None,
+        "final_loss_by_kind": _last_by_kind(log_rows),
     }
+
+
+def _last_by_kind(log_rows: list[dict], window: int = 10) -> dict:
+    """Mean over the last `window` steps of each target kind's loss (the curve's end, less noisy)."""
+    out: dict[str, list[float]] = {}
+    for r in log_rows[-window:]:
+        for k, v in r.get("loss_by_kind", {}).items():
+            out.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in out.items()}
 
 
 def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path, student_info: dict) -> dict:
@@ -342,8 +419,11 @@ def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=f"train-{method}", storage_path=str(run_dir / "ray"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            # Our workers log one line per step; Ray Train's own INFO lines (process group set-up,
+            # device moves, every checkpoint's path) would bury them. Its warnings still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
