@@ -67,6 +67,19 @@ def test_cwt_with_one_chunk_trains_exactly_like_std_cot(ray_cluster, smoke_cfg):
     assert _losses(cfg.run_dir, "cwt") == pytest.approx(_losses(cfg.run_dir, "std_cot"), rel=1e-6)
 
 
+def test_ray_train_with_one_worker_matches_a_plain_pytorch_loop(ray_cluster, smoke_cfg, tiny_student):
+    """Same data and seed: the Ray Train run (DDP wrapper, our LM-head-on-targets loss, our
+    normaliser, checkpoints) and a plain loop with HF's full logits give the same loss curve."""
+    from cwt_ray.reference import plain_train
+
+    cfg = smoke_cfg("name=plain", "train.max_steps=4", "train.micro_batch_size=4")
+    run_stages(cfg, stages=("data", "chunk", "train"))
+    for method in ("std_cot", "cwt"):
+        plain = [r["loss"] for r in plain_train(cfg, method, cfg.run_dir, tiny_student)]
+        assert len(plain) == 4
+        assert _losses(cfg.run_dir, method) == pytest.approx(plain, rel=1e-5), method
+
+
 @pytest.mark.parametrize("method, normalizer, layouts", [
     ("std_cot", "token", {"8x1x1": (8, 1), "4x2x1": (4, 1), "4x1x2": (4, 2)}),
     ("std_cot", "sample", {"8x1x1": (8, 1), "4x1x2": (4, 2)}),
