@@ -179,6 +179,15 @@ class SkipConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """Low-rank adapters (peft) instead of full fine-tuning; saved students have the adapters merged."""
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head).")
+
+
 class TrainConfig(_Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (smoke runs).")
@@ -213,6 +222,8 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing: less memory, ~30% more compute.")
     compile: bool = Field(False, description="torch.compile the student's forward (GPU runs; slow to start on CPU).")
     fused_adamw: Optional[bool] = Field(None, description="Fused AdamW kernel; None = on when training on GPU.")
+    lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters (peft) instead of every weight; "
+                                                          "null = full fine-tuning. E.g. train.lora.r=8.")
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":

@@ -117,8 +117,12 @@ class SupervisedLoss(torch.nn.Module):
         super().__init__()
         self.lm = lm
         # Models that rescale or soft-cap their logits need the full head.
-        cfg = lm.config
+        cfg = self._causal_lm().config
         self.full_head = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+
+    def _causal_lm(self):
+        """The *ForCausalLM module (under a peft wrapper when training LoRA adapters)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def forward(self, ids, mask, labels, groups):
         """Returns (loss of each supervised token [N], fp32; its batch row [N]; its target group [N])."""
@@ -128,8 +132,9 @@ class SupervisedLoss(torch.nn.Module):
         if self.full_head:
             logits = self.lm(input_ids=ids, attention_mask=mask).logits[:, :-1][sup]
         else:
-            hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = self.lm.get_output_embeddings()(hidden[:, :-1][sup])
+            lm = self._causal_lm()
+            hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = lm.get_output_embeddings()(hidden[:, :-1][sup])
         return F.cross_entropy(logits.float(), target[sup], reduction="none"), rows, groups[:, 1:][sup]
 
 
@@ -149,6 +154,14 @@ def normalised_loss(tok_loss, rows, groups, batch_rows: int, normalizer: str, st
     counts = torch.bincount(key, minlength=size)
     present = counts > 0
     return (sums[present] / counts[present]).sum() / denom
+
+
+def add_lora(model, lcfg):
+    from peft import LoraConfig, get_peft_model
+
+    target = lcfg.target_modules
+    return get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                                            target_modules=target, task_type="CAUSAL_LM"))
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -251,17 +264,25 @@ def train_loop_per_worker(config: dict) -> None:
     start_step, log_rows = 0, []
     checkpoint = ray.train.get_checkpoint()   # set when Ray Train restarts us after a failure
     with checkpoint.as_directory() if checkpoint else nullcontext(student_path) as source:
-        model = load_model(source, cfg.student.trust_remote_code)
+        # weights_only: a checkpoint is data, never code (RNG states are tensors and tuples)
+        state = torch.load(os.path.join(source, "train_state.pt"), weights_only=True) if checkpoint else {}
+        # LoRA resumes from the base weights plus the saved adapters (the checkpoint's folder holds
+        # the merged student, for evaluation; merging again would apply the adapters twice).
+        model = load_model(student_path if tcfg.lora else source, cfg.student.trust_remote_code)
         model.config.use_cache = False
         if tcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tcfg.lora:
+            model = add_lora(model, tcfg.lora)
+            if "lora" in state:
+                from peft import set_peft_model_state_dict
+                set_peft_model_state_dict(model, state["lora"])
         fused = tcfg.fused_adamw if tcfg.fused_adamw is not None else device.type == "cuda"
         model.to(device)   # the fused kernel needs the parameters on their device before it is built
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=fused)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
+                                      weight_decay=tcfg.weight_decay, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
         if checkpoint:
-            # weights_only: a checkpoint is data, never code (RNG states are tensors and tuples)
-            state = torch.load(os.path.join(source, "train_state.pt"), weights_only=True)
             if "optimizer" in state:   # the final checkpoint keeps only its step
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
@@ -287,7 +308,13 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            raw_model.save_pretrained(d)
+            if tcfg.lora:   # a plain student folder: adapters merged into a copy of the weights
+                import copy
+
+                from peft import get_peft_model_state_dict
+                copy.deepcopy(raw_model).merge_and_unload().save_pretrained(d)
+            else:
+                raw_model.save_pretrained(d)
             tokenizer.save_pretrained(d)
             write_student_json(Path(d), config["student_info"])
             Path(d, TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in log_rows))
@@ -295,6 +322,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = {"step": step}
             if not final:   # the final student needs no optimizer state (twice the model's size)
                 state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
+                if tcfg.lora:
+                    state["lora"] = get_peft_model_state_dict(raw_model)
             torch.save(state, os.path.join(d, "train_state.pt"))
             if final:
                 Path(d, TRAIN_METRICS).write_text(json.dumps(summary(log_rows, len(samples), dropped, world), indent=2))
