@@ -115,6 +115,9 @@ class ChunkConfig(_Strict):
     sbc_student: Optional[str] = Field(None, description="Student folder that scores chunks (e.g. a checkpoint in the "
                                                          "run directory); None = the run's initial student.")
     sbc_batch_size: int = Field(16, ge=1, description="Candidate sequences per forward pass.")
+    sbc_every_epochs: Optional[int] = Field(
+        None, ge=1, description="sbc: re-run the search with the student being trained every E epochs and rebuild "
+                                "the CWT samples from the new chunks (split over the training workers).")
     # Ray Data
     batch_size: int = Field(64, ge=1, description="Rationales per Ray Data batch.")
     concurrency: int = Field(1, ge=1, description="Ray Data chunking actors.")

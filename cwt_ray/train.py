@@ -177,7 +177,7 @@ def lr_lambda(cfg, total_steps: int):
     return fn
 
 
-def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer):
+def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer, chunks_dir: Path | None = None):
     from .chunk import read_chunks
     from .data import read_records
     from .samples import SampleBuilder, build_samples
@@ -186,7 +186,7 @@ def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer):
     records = read_records(run_dir / "data" / "train.parquet")
     chunks, skips = {}, None
     if method in ("cwt", "stt"):
-        table = read_chunks(run_dir / "chunks" / "train")
+        table = read_chunks(chunks_dir or run_dir / "chunks" / "train")
         chunks = dict(zip(table.column("id").to_pylist(), table.column("chunks").to_pylist()))
         records = [r for r in records if r["id"] in chunks]   # rationales the chunk stage rejected
     if method == "stt":
@@ -229,6 +229,53 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rechunk_with_student(cfg: ExperimentConfig, run_dir: Path, tokenizer_path: str, model, epoch: int,
+                         rank: int, world: int) -> Path:
+    """SBC during training: re-run the search with the student being trained, each worker on its
+    share of the rationales, and gather the chunks everywhere. Rank 0 writes them to
+    chunks/train-epoch<E>/ (same files as the chunk stage); every rank returns that folder."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .chunk import CHUNK_SCHEMA, Chunker
+    from .chunk_view import summarise
+
+    records = pq.read_table(str(run_dir / "data" / "train.parquet")).sort_by("id")
+    mine = records.take(list(range(rank, records.num_rows, world)))
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    chunker = Chunker(cfg.model_dump(mode="json"), tokenizer_path, None, None, student_model=model)
+    table = chunker(mine)
+    model.train(was_training)
+    parts = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(parts, table.to_pylist())
+    else:
+        parts = [table.to_pylist()]
+    rows = sorted((r for part in parts for r in part), key=lambda r: r["id"])
+    out = run_dir / "chunks" / f"train-epoch{epoch}"
+    if rank == 0:
+        full = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+        kept = full.filter(pc.is_valid(full.column("chunks")))
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pq.write_table(kept, tmp / "chunks.parquet")
+        summary = summarise(kept, records.num_rows, full.num_rows - kept.num_rows, cfg.chunk)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        sbc = summary.get("sbc", {})
+        log.info(f"[train cwt] epoch {epoch}: SBC re-run with the current student, {kept.num_rows} rationales, "
+                 f"mean chunk loss {sbc.get('mean_loss_before', float('nan')):.4f} -> "
+                 f"{sbc.get('mean_loss_after', float('nan')):.4f}, {time.perf_counter() - t0:.1f}s -> {out}")
+    if world > 1:
+        torch.distributed.barrier()   # the folder exists before anyone reads it
+    return out
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -261,7 +308,8 @@ def train_loop_per_worker(config: dict) -> None:
         total_steps = min(total_steps, tcfg.max_steps)
 
     torch.manual_seed(tcfg.seed)
-    start_step, log_rows = 0, []
+    start_step, log_rows, chunks_dir = 0, [], None
+    sbc_every = cfg.chunk.sbc_every_epochs if method == "cwt" and cfg.chunk.heuristic == "sbc" else None
     checkpoint = ray.train.get_checkpoint()   # set when Ray Train restarts us after a failure
     with checkpoint.as_directory() if checkpoint else nullcontext(student_path) as source:
         # weights_only: a checkpoint is data, never code (RNG states are tensors and tuples)
@@ -289,6 +337,9 @@ def train_loop_per_worker(config: dict) -> None:
             if "rng" in state:
                 set_rng_state(state["rng"])
             start_step = int(state["step"])
+            if state.get("chunks_dir"):   # chunks from an SBC re-run during training
+                chunks_dir = Path(state["chunks_dir"])
+                samples, dropped = load_samples(cfg, method, run_dir, tokenizer, chunks_dir)
             log_rows = [json.loads(line) for line in Path(source, TRAIN_LOG).read_text().splitlines()]
             if rank == 0:
                 log.info(f"[train {method}] resumed from checkpoint at step {start_step}")
@@ -321,7 +372,8 @@ def train_loop_per_worker(config: dict) -> None:
             # The data position is the step: each epoch's order is a pure function of (seed, epoch).
             state = {"step": step}
             if not final:   # the final student needs no optimizer state (twice the model's size)
-                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
+                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+                             chunks_dir=str(chunks_dir) if chunks_dir else None)
                 if tcfg.lora:
                     state["lora"] = get_peft_model_state_dict(raw_model)
             torch.save(state, os.path.join(d, "train_state.pt"))
@@ -342,8 +394,16 @@ def train_loop_per_worker(config: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
         epoch = step // steps_per_epoch
+        if sbc_every and epoch != order_epoch and epoch > 0 and epoch % sbc_every == 0 and step % steps_per_epoch == 0:
+            chunks_dir = rechunk_with_student(cfg, run_dir, student_path, raw_model, epoch, rank, world)
+            samples, dropped = load_samples(cfg, method, run_dir, tokenizer, chunks_dir)
+            if len(samples) // tcfg.batch_size != steps_per_epoch:   # K is kept, so this is rare
+                log.warning(f"[train cwt] re-chunked samples give {len(samples) // tcfg.batch_size} steps an epoch, "
+                            f"not {steps_per_epoch}; the epoch keeps its length")
         if epoch != order_epoch:
             order, order_epoch = epoch_steps(samples, tcfg.batch_size, tcfg.seed, epoch, schedule, tcfg.bucket_factor), epoch
+            if len(order) < steps_per_epoch:   # re-chunked samples fell short: cycle the epoch's steps
+                order = [order[i % len(order)] for i in range(steps_per_epoch)]
         global_batch = order[step % steps_per_epoch]
         step_tokens = sum(samples[i].supervised for i in global_batch)
         step_info = {"tokens": step_tokens, "samples": len(global_batch),

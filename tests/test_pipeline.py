@@ -206,3 +206,21 @@ def test_lora_trains_adapters_saves_a_plain_student_and_resumes(ray_cluster, smo
     assert not any("lora" in name for name, _ in student.named_parameters())
     changed = {n for (n, p), (_, q) in zip(student.named_parameters(), base.named_parameters()) if not p.equal(q)}
     assert changed and all("proj" in n for n in changed)   # adapted linears merged; embeddings untouched
+
+
+def test_sbc_reruns_during_training_with_the_current_student(ray_cluster, smoke_cfg):
+    """chunk.sbc_every_epochs=1: after epoch 1 the 2 workers re-run the search with the student being
+    trained and continue on the new chunks, which are written like the chunk stage's."""
+    cfg = smoke_cfg("name=sbc-rerun", "methods=[cwt]", "chunk.heuristic=sbc", "chunk.sbc_every_epochs=1",
+                    "chunk.sbc_max_passes=1", "train.max_steps=null", "train.epochs=2", "train.num_workers=2",
+                    "train.micro_batch_size=4", "train.batch_size=16")
+    run_stages(cfg, stages=("data", "chunk", "train"))
+    out = cfg.run_dir / "chunks" / "train-epoch1"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_in"] == summary["chunked"] + summary["rejected"] == 32
+    assert summary["sbc"]["mean_loss_after"] <= summary["sbc"]["mean_loss_before"]
+    rationales = {r["id"]: r["rationale"] for r in pq.read_table(cfg.run_dir / "data" / "train.parquet").to_pylist()}
+    assert all("".join(c["chunks"]) == rationales[c["id"]] for c in read_chunks(out).to_pylist())
+    metrics = json.loads((cfg.run_dir / "students" / "cwt" / "train_metrics.json").read_text())
+    samples_per_epoch = metrics["samples"]
+    assert metrics["steps"] == 2 * (samples_per_epoch // 16)
