@@ -20,9 +20,14 @@ from .samples import IGNORE
 from .train import collate, epoch_steps, load_samples, lr_lambda
 
 
-def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path) -> list[dict]:
+def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path, head: str = "full") -> list[dict]:
     """Train like `train_loop_per_worker` with one worker and the `token` normaliser; returns one
-    row per step: loss, processed tokens, step time."""
+    row per step: loss, processed tokens, step time. `head="full"`: Hugging Face's logits over every
+    position (independent of our loss code: what the invariant test uses); `head="supervised"`:
+    our `SupervisedLoss`, i.e. the same compute as the Ray Train worker, so a timing comparison
+    measures what Ray Train itself costs."""
+    from .train import SupervisedLoss
+
     from .student import load_model, load_tokenizer
 
     tcfg = cfg.train
@@ -37,6 +42,7 @@ def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path:
     torch.manual_seed(tcfg.seed)
     model = load_model(student_path).to(device)
     model.config.use_cache = False
+    loss_module = SupervisedLoss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total))
@@ -55,10 +61,15 @@ def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path:
         total_loss, processed = 0.0, 0
         for b in range(0, len(batch), tcfg.micro_batch_size):
             ids, labels, _, mask = (t.to(device) for t in collate(batch[b:b + tcfg.micro_batch_size], tokenizer.pad_token_id))
-            with autocast:
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            target = labels[:, 1:]
-            loss = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum") / step_tokens
+            if head == "supervised":
+                with autocast:
+                    tok_loss, _, _ = loss_module(ids, mask, labels, labels)
+                loss = tok_loss.sum() / step_tokens
+            else:
+                with autocast:
+                    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                target = labels[:, 1:]
+                loss = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum") / step_tokens
             loss.backward()
             total_loss += loss.item()
             processed += int(mask.sum())
