@@ -225,8 +225,18 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing: less memory, ~30% more compute.")
     compile: bool = Field(False, description="torch.compile the student's forward (GPU runs; slow to start on CPU).")
     fused_adamw: Optional[bool] = Field(None, description="Fused AdamW kernel; None = on when training on GPU.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': a full replica per worker; 'fsdp': parameters, gradients and optimizer state "
+                           "sharded over the workers (torch FSDP2, one unit per decoder layer), for students "
+                           "that do not fit one device.")
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters (peft) instead of every weight; "
                                                           "null = full fine-tuning. E.g. train.lora.r=8.")
+
+    @model_validator(mode="after")
+    def _fsdp_limits(self) -> "TrainConfig":
+        if self.strategy == "fsdp" and (self.lora or self.compile):
+            raise ValueError("train.strategy 'fsdp' does not combine with train.lora or train.compile yet")
+        return self
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
@@ -292,6 +302,12 @@ class ExperimentConfig(_Strict):
         if "stt" in v and "cwt" not in v:
             raise ValueError("'stt' continues from the CWT student: list 'cwt' in methods too")
         return v
+
+    @model_validator(mode="after")
+    def _sbc_rerun_needs_ddp(self) -> "ExperimentConfig":
+        if self.chunk.sbc_every_epochs and self.train.strategy == "fsdp":
+            raise ValueError("chunk.sbc_every_epochs scores with the whole student on each worker: use train.strategy 'ddp'")
+        return self
 
     @property
     def run_dir(self) -> Path:

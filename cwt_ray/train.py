@@ -156,6 +156,29 @@ def normalised_loss(tok_loss, rows, groups, batch_rows: int, normalizer: str, st
     return (sums[present] / counts[present]).sum() / denom
 
 
+def _local(t):
+    """A sharded (DTensor) value as a plain tensor: the full value for a replicated norm, this
+    rank's shard for a gradient (each rank checks its own shard for non-finite values)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and getattr(t, "placements", None) and \
+        all(p.is_replicate() for p in t.placements) else (t.to_local() if hasattr(t, "to_local") else t)
+
+
+def shard_fsdp(loss_module, lm):
+    """FSDP2: one shard unit per decoder layer (the classes the model names in
+    `_no_split_modules`), and the loss module as the root, whose forward we call: its hooks gather
+    what no layer holds (embeddings, final norm, the LM head, tied or not) around our loss code.
+    Ray's prepare_model only offers FSDP on GPUs; FSDP2 with gloo also runs on CPU."""
+    from torch.distributed.fsdp import fully_shard
+
+    unit_names = set(getattr(lm, "_no_split_modules", None) or [])
+    units = [m for m in lm.modules() if type(m).__name__ in unit_names]
+    if not units:
+        raise ValueError(f"{type(lm).__name__} names no decoder layer class (_no_split_modules): cannot shard it")
+    for unit in units:
+        fully_shard(unit)
+    return fully_shard(loss_module)
+
+
 def add_lora(model, lcfg):
     from peft import LoraConfig, get_peft_model
 
@@ -325,15 +348,8 @@ def train_loop_per_worker(config: dict) -> None:
             if "lora" in state:
                 from peft import set_peft_model_state_dict
                 set_peft_model_state_dict(model, state["lora"])
-        fused = tcfg.fused_adamw if tcfg.fused_adamw is not None else device.type == "cuda"
         model.to(device)   # the fused kernel needs the parameters on their device before it is built
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
-                                      weight_decay=tcfg.weight_decay, fused=fused)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
         if checkpoint:
-            if "optimizer" in state:   # the final checkpoint keeps only its step
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
             if "rng" in state:
                 set_rng_state(state["rng"])
             start_step = int(state["step"])
@@ -344,17 +360,41 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 log.info(f"[train {method}] resumed from checkpoint at step {start_step}")
     raw_model = model
-    loss_module = SupervisedLoss(model)
-    if tcfg.compile:
-        loss_module = torch.compile(loss_module)
-    model = ray.train.torch.prepare_model(loss_module)   # DDP wraps the loss module
-    flops_peak = peak_flops(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
+    loss_module = SupervisedLoss(model)
+    fsdp = tcfg.strategy == "fsdp"
+    if fsdp:
+        model = shard_fsdp(loss_module, raw_model)
+    else:
+        if tcfg.compile:
+            loss_module = torch.compile(loss_module)
+        model = ray.train.torch.prepare_model(loss_module)   # DDP wraps the loss module
+    # The optimizer is built on the (possibly sharded) parameters; its state follows them.
+    fused = tcfg.fused_adamw if tcfg.fused_adamw is not None else device.type == "cuda"
+    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=tcfg.lr,
+                                  weight_decay=tcfg.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
+    if "optimizer" in state:   # a resumed run (the final checkpoint keeps only its step)
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    flops_peak = peak_flops(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
 
     def save(step: int, final: bool) -> None:
-        """Rank 0 writes a checkpoint; every rank calls report (it is a barrier)."""
+        """Rank 0 writes a checkpoint; every rank calls report (it is a barrier). Under FSDP every
+        rank first helps gather the full weights and optimizer state onto rank 0's CPU."""
         metrics = {"step": step, "final": final}
+        full_model = full_optim = None
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full_model = get_model_state_dict(raw_model, options=opts)
+            full_optim = None if final else get_optimizer_state_dict(raw_model, optimizer, options=opts)
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -364,6 +404,8 @@ def train_loop_per_worker(config: dict) -> None:
 
                 from peft import get_peft_model_state_dict
                 copy.deepcopy(raw_model).merge_and_unload().save_pretrained(d)
+            elif fsdp:
+                raw_model.save_pretrained(d, state_dict=full_model)
             else:
                 raw_model.save_pretrained(d)
             tokenizer.save_pretrained(d)
@@ -372,7 +414,7 @@ def train_loop_per_worker(config: dict) -> None:
             # The data position is the step: each epoch's order is a pure function of (seed, epoch).
             state = {"step": step}
             if not final:   # the final student needs no optimizer state (twice the model's size)
-                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+                state.update(optimizer=full_optim if fsdp else optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
                              chunks_dir=str(chunks_dir) if chunks_dir else None)
                 if tcfg.lora:
                     state["lora"] = get_peft_model_state_dict(raw_model)
@@ -427,9 +469,9 @@ def train_loop_per_worker(config: dict) -> None:
             local[3:3 + n_kinds] += torch.zeros(n_kinds, dtype=torch.float64, device=device).index_add(
                 0, tok_kinds, tok_loss.detach().double()).cpu()
             local[3 + n_kinds:] += torch.bincount(tok_kinds, minlength=n_kinds).double().cpu()
-        if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+        if not all(torch.isfinite(_local(p.grad)).all() for p in model.parameters() if p.grad is not None):
             raise FloatingPointError(f"non-finite gradient at step {step + 1} ({method})")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or float("inf"))
+        grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or float("inf")))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
