@@ -34,8 +34,10 @@ from ray.tune.search.optuna import OptunaSearch
 from .config import (ExperimentConfig, UserError, _format_error, _set_dotted, _Strict, parse_overrides,
                      validate_config)
 
-# Metrics eval.py writes for a method that an objective may name.
-EVAL_METRICS = ("accuracy", "tokens_generated", "complete", "correct_format", "contains_answer", "latency_s")
+# Metrics eval.py writes for a method that an objective may name (latency_s: batch-1 latency,
+# measured only when eval.latency_questions > 0).
+EVAL_METRICS = ("accuracy", "tokens_generated", "complete", "correct_format", "contains_answer", "latency_s",
+                "skipped_per_answer")
 # Sections a trial must not change: they say where and how the sweep itself runs.
 NOT_SEARCHABLE = ("name", "storage_path", "methods", "ray", "debug")
 
@@ -91,7 +93,8 @@ class SweepConfig(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     base: str = Field(..., description="Experiment YAML the trials start from, relative to the sweep file.")
     storage_path: Optional[str] = Field(None, description="Where runs/<name>/ goes; default: the base config's.")
-    method: Literal["std_cot", "cwt"] = Field("cwt", description="The method each trial trains and is scored on.")
+    method: Literal["std_cot", "cwt", "stt"] = Field(
+        "cwt", description="The method each trial trains and is scored on ('stt' trains cwt first, as it continues from it).")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Nested config values applied to the base "
                                       "for every trial (and for best_config.yaml).")
     search_space: dict[str, Param] = Field(..., min_length=1, description="Dotted config key -> distribution.")
@@ -158,7 +161,8 @@ class Sweep:
     def trial_config(self, params: dict, trial_id: str, split: str = "validation",
                      folder: str = "trials") -> ExperimentConfig:
         tree = self.experiment_tree(params)
-        tree.update(name=trial_id, storage_path=str(self.dir / folder), methods=[self.config.method])
+        methods = ["cwt", "stt"] if self.config.method == "stt" else [self.config.method]
+        tree.update(name=trial_id, storage_path=str(self.dir / folder), methods=methods)
         tree.setdefault("eval", {})["split"] = split
         return validate_config(tree, source=f"trial {trial_id}")
 
@@ -372,10 +376,10 @@ def run_trial(params: dict, sweep: Sweep) -> None:
         t["evaluated"] = time.perf_counter()
     train = json.loads((run_dir / "students" / method / "train_metrics.json").read_text())
     ev = json.loads((run_dir / "evals" / method / "metrics.json").read_text())
-    generate_s = _generation_seconds(run_dir, method)
+    generate_s = ev["batched_generation_s"]
     wall = t["evaluated"] - t["start"]
     tune.report({
-        **{k: ev[k] for k in EVAL_METRICS}, "n": ev["n"], "loss": train["final_loss"],
+        **{k: ev.get(k) for k in EVAL_METRICS}, "n": ev["n"], "loss": train["final_loss"],
         "train_steps": train["steps"], "train_step_s": train["train_time_s"], "generate_s": generate_s,
         "prepare_s": t["prepared"] - t["start"], "train_wall_s": t["trained"] - t["prepared"],
         "eval_wall_s": t["evaluated"] - t["trained"], "trial_wall_s": wall,
@@ -383,13 +387,6 @@ def run_trial(params: dict, sweep: Sweep) -> None:
         # model loads, data and chunk preparation, Ray scheduling.
         "fixed_s": wall - train["train_time_s"] - generate_s, "reused": ",".join(reused) or "-",
         "run_dir": str(run_dir)})
-
-
-def _generation_seconds(run_dir: Path, method: str) -> float:
-    from .eval import read_eval_records
-
-    # A record's latency is its batch's wall time / batch size, so the sum is the generate() time.
-    return float(sum(read_eval_records(run_dir, method).column("latency_s").to_pylist()))
 
 
 # ---------------------------------------------------------------------------------------------
