@@ -275,11 +275,19 @@ class SearchSpace:
                 chosen[key] = trial.suggest_float(key, float(p["low"]), float(p["high"]), step=p["step"], log=p["log"])
 
 
-def trial_demand(cfg: ExperimentConfig) -> dict[str, float]:
-    """Peak CPUs/GPUs one trial's stages hold at once (stages run one after another), base values."""
+def trial_demand(cfg: ExperimentConfig, cluster_gpus: float = 0.0) -> dict[str, float]:
+    """Peak CPUs/GPUs one trial's stages hold at once (stages run one after another), base values.
+    An actor's GPU share of None means one GPU when the cluster has GPUs (as chunk/eval do)."""
+    def share(gpus):
+        return gpus if gpus is not None else (1.0 if cluster_gpus > 0 else 0.0)
+
+    chunking, skipping = "cwt" in cfg.methods, "stt" in cfg.methods
     cpu = max(cfg.train.num_workers * cfg.train.cpus_per_worker, cfg.eval.concurrency * cfg.eval.cpus_per_actor,
-              cfg.chunk.concurrency * cfg.chunk.cpus_per_actor if "cwt" in cfg.methods else 0.0)
-    gpu = max(cfg.train.num_workers if cfg.train.use_gpu else 0, cfg.eval.concurrency * cfg.eval.gpus_per_actor)
+              cfg.chunk.concurrency * cfg.chunk.cpus_per_actor if chunking else 0.0,
+              cfg.stt.concurrency * cfg.stt.cpus_per_actor if skipping else 0.0)
+    gpu = max(cfg.train.num_workers if cfg.train.use_gpu else 0, cfg.eval.concurrency * share(cfg.eval.gpus_per_actor),
+              cfg.chunk.concurrency * share(cfg.chunk.gpus_per_actor) if chunking else 0.0,
+              cfg.stt.concurrency * share(cfg.stt.gpus_per_actor) if skipping else 0.0)
     return {"CPU": cpu, "GPU": float(gpu)}
 
 
@@ -484,9 +492,9 @@ def sweep_ray_session(sweep: Sweep, extra_cpus: float):
 def _cluster_size(sweep: Sweep, embedded: bool) -> dict[str, float]:
     import ray
 
-    if embedded:   # what the user's config says, without the logical CPUs added for trial drivers
-        return {"CPU": float(sweep.base.ray.num_cpus or os.cpu_count() or 1), "GPU": 0.0}
     res = ray.cluster_resources()
+    if embedded:   # what the user's config says, without the logical CPUs added for trial drivers
+        return {"CPU": float(sweep.base.ray.num_cpus or os.cpu_count() or 1), "GPU": res.get("GPU", 0.0)}
     return {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}
 
 
@@ -619,11 +627,12 @@ def run_sweep(sweep: Sweep, overwrite: bool = False) -> Optional[Path]:
         shutil.rmtree(sweep.dir)
     _check_fingerprint(sweep)
     preflight(sweep.base, ("data", "chunk"))
-    demand = trial_demand(sweep.trial_config({}, "preflight"))
     max_trials_at_once = c.max_concurrent_trials or max(1, c.n_startup_trials)
     t0 = time.perf_counter()
     with sweep_ray_session(sweep, extra_cpus=c.trial_cpus * max_trials_at_once) as embedded:
-        concurrency, why = plan_concurrency(c, demand, _cluster_size(sweep, embedded))
+        cluster = _cluster_size(sweep, embedded)
+        demand = trial_demand(sweep.trial_config({}, "preflight"), cluster["GPU"])
+        concurrency, why = plan_concurrency(c, demand, cluster)
         tuner, resumed = _build_tuner(sweep, concurrency)
         objectives = [o.metric for o in c.objectives]
         print(f"[sweep] {c.name}: {c.num_samples} trials of {c.method} on the validation split, objectives "

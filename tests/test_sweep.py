@@ -86,6 +86,17 @@ def test_trial_config_scores_on_validation_and_best_config_on_test():
     assert best["eval"]["split"] == "test" and best["name"] == "sweep_smoke-best"
 
 
+def test_skip_thinking_knobs_are_searched_like_any_key(tmp_path):
+    space = {"stt.gate": {"type": "categorical", "choices": ["nll", "correct"]},
+             "stt.threshold": {"type": "float", "low": 0.05, "high": 0.5, "when": {"stt.gate": "nll"}},
+             "stt.removal": {"type": "categorical", "choices": ["one_at_a_time", "cumulative"]}}
+    sweep = load_sweep(_write(tmp_path, method="stt", search_space=space))
+    trial = sweep.trial_config({"stt.gate": "nll", "stt.threshold": 0.2}, "t1")
+    assert trial.methods == ["cwt", "stt"] and trial.stt.threshold == 0.2 and trial.eval.split == "validation"
+    with pytest.raises(UserError, match="search_space 'stt.threshold' = -1.0: bad value for 'stt.threshold'"):
+        load_sweep(_write(tmp_path, method="stt", search_space={"stt.threshold": {"type": "float", "low": -1.0, "high": 0.5}}))
+
+
 def test_concurrency_is_capped_so_tpe_sees_results():
     base = load_config(ROOT / "configs" / "smoke.yaml")
     demand = trial_demand(base)
