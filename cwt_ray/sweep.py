@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from .config import (ExperimentConfig, UserError, _format_error, _set_dotted, _Strict, parse_overrides,
@@ -382,18 +383,19 @@ def run_trial(params: dict, sweep: Sweep) -> None:
         t["trained"] = time.perf_counter()
         run_stages(cfg, stages=("eval",))
         t["evaluated"] = time.perf_counter()
-    train = json.loads((run_dir / "students" / method / "train_metrics.json").read_text())
+    trained = {m: json.loads((run_dir / "students" / m / "train_metrics.json").read_text()) for m in cfg.methods}
+    step_s = sum(m["train_time_s"] for m in trained.values())   # stt trains cwt first
     ev = json.loads((run_dir / "evals" / method / "metrics.json").read_text())
     generate_s = ev["batched_generation_s"]
     wall = t["evaluated"] - t["start"]
     tune.report({
-        **{k: ev.get(k) for k in EVAL_METRICS}, "n": ev["n"], "loss": train["final_loss"],
-        "train_steps": train["steps"], "train_step_s": train["train_time_s"], "generate_s": generate_s,
+        **{k: ev.get(k) for k in EVAL_METRICS}, "n": ev["n"], "loss": trained[method]["final_loss"],
+        "train_steps": trained[method]["steps"], "train_step_s": step_s, "generate_s": generate_s,
         "prepare_s": t["prepared"] - t["start"], "train_wall_s": t["trained"] - t["prepared"],
         "eval_wall_s": t["evaluated"] - t["trained"], "trial_wall_s": wall,
         # Everything that is not a training step or a generate() call: worker and actor start-up,
         # model loads, data and chunk preparation, Ray scheduling.
-        "fixed_s": wall - train["train_time_s"] - generate_s, "reused": ",".join(reused) or "-",
+        "fixed_s": wall - step_s - generate_s, "reused": ",".join(reused) or "-",
         "run_dir": str(run_dir)})
 
 
@@ -414,39 +416,39 @@ def _fmt_value(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _make_progress_callback(sweep: Sweep):
-    from ray import tune
+# debug.stop_after_trials of the running command. Not kept on the callback: Tune pickles callbacks
+# into its experiment state, and a resumed sweep must not inherit the first run's debug knob.
+_stop_after_trials: Optional[int] = None
 
-    class TrialLines(tune.Callback):
-        """Prints one line per finished trial; with verbose=0 Tune prints no table of its own.
-        Optionally interrupts the sweep as Ctrl-C would (debug.stop_after_trials)."""
 
-        def __init__(self):
-            self.finished_here = 0
+class TrialLines(Callback):
+    """Prints one line per finished trial; with verbose=0 Tune prints no table of its own.
+    Optionally interrupts the sweep as Ctrl-C would (debug.stop_after_trials)."""
 
-        def _line(self, trials, trial, text: str) -> None:
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
-            print(f"[sweep] trial {done}/{sweep.config.num_samples} {trial.trial_id} {text} | "
-                  f"{_fmt_params(trial.config)}", flush=True)
-            self.finished_here += 1
-            stop_after = sweep.config.debug.stop_after_trials
-            if stop_after and self.finished_here == stop_after:
-                os.kill(os.getpid(), signal.SIGINT)
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+        self.finished_here = 0
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            r = trial.last_result or {}
-            objectives = [o.metric for o in sweep.config.objectives]
-            if _status(r, objectives) == "stopped":
-                self._line(trials, trial, f"stopped early by ASHA at loss {r.get('loss', float('nan')):.3f}")
-                return
-            metrics = " ".join(f"{m} {r[m]:.3f}" for m in dict.fromkeys(objectives + ["accuracy", "tokens_generated"]))
-            self._line(trials, trial, f"{metrics} ({r.get('trial_wall_s', 0):.0f}s, fixed {r.get('fixed_s', 0):.0f}s)")
+    def _line(self, trials, trial, text: str) -> None:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
+        print(f"[sweep] trial {done}/{self.sweep.config.num_samples} {trial.trial_id} {text} | "
+              f"{_fmt_params(trial.config)}", flush=True)
+        self.finished_here += 1
+        if _stop_after_trials and self.finished_here == _stop_after_trials:
+            os.kill(os.getpid(), signal.SIGINT)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trials, trial, f"FAILED; see {sweep.dir / 'trials' / trial.trial_id / 'console.log'} "
-                                      f"and {trial.local_path}/error.txt")
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        objectives = [o.metric for o in self.sweep.config.objectives]
+        if _status(r, objectives) == "stopped":
+            self._line(trials, trial, f"stopped early by ASHA at loss {r.get('loss', float('nan')):.3f}")
+            return
+        metrics = " ".join(f"{m} {r[m]:.3f}" for m in dict.fromkeys(objectives + ["accuracy", "tokens_generated"]))
+        self._line(trials, trial, f"{metrics} ({r.get('trial_wall_s', 0):.0f}s, fixed {r.get('fixed_s', 0):.0f}s)")
 
-    return TrialLines()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, trial, f"FAILED; see {self.sweep.dir / 'trials' / trial.trial_id / 'console.log'} "
+                                  f"and {trial.local_path}/error.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +547,7 @@ def _build_tuner(sweep: Sweep, concurrency: int):
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=c.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep.dir), verbose=0,
-                                  callbacks=[_make_progress_callback(sweep)]))
+                                  callbacks=[TrialLines(sweep)]))
     return tuner, False
 
 
@@ -622,7 +624,9 @@ def run_sweep(sweep: Sweep, overwrite: bool = False) -> Optional[Path]:
     from .pipeline import preflight
     from .sweep_report import write_sweep_report
 
+    global _stop_after_trials
     c = sweep.config
+    _stop_after_trials = c.debug.stop_after_trials
     if overwrite and sweep.dir.exists():
         shutil.rmtree(sweep.dir)
     _check_fingerprint(sweep)
