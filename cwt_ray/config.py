@@ -276,6 +276,8 @@ class DebugConfig(_Strict):
     kill_at_step: Optional[int] = Field(
         None, ge=1, description="SIGKILL training rank 0 just before this optimizer step, unless the attempt "
                                 "resumed from a checkpoint (so the retry can finish).")
+    sleep_per_step: float = Field(0.0, ge=0, description="Seconds each training step waits (gives a test time to "
+                                                         "kill a run mid-way).")
 
 
 class ExperimentConfig(_Strict):
