@@ -195,6 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    worker_nodes = gather_worker_nodes(world)
 
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
     samples, dropped = load_samples(cfg, method, run_dir, tokenizer)
@@ -242,12 +243,14 @@ def train_loop_per_worker(config: dict) -> None:
                 state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             torch.save(state, os.path.join(d, "train_state.pt"))
             if final:
-                Path(d, TRAIN_METRICS).write_text(json.dumps(summary(log_rows, len(samples), dropped, world), indent=2))
+                final_metrics = {**summary(log_rows, len(samples), dropped, world), "worker_nodes": worker_nodes}
+                Path(d, TRAIN_METRICS).write_text(json.dumps(final_metrics, indent=2))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     if rank == 0:
         log.info(f"[train {method}] {len(samples)} samples ({dropped} dropped: longer than student.max_length), "
                  f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}")
+        log.info(f"[train {method}] worker nodes (rank order): {', '.join(n[:12] for n in worker_nodes)}")
     model.train()
     schedule = tcfg.cwt_schedule if method == "cwt" else "shuffle"
     order, order_epoch = [], -1
@@ -303,6 +306,19 @@ def train_loop_per_worker(config: dict) -> None:
         if done < total_steps and done % steps_per_epoch == 0:
             save(done, final=False)
     save(total_steps, final=True)
+
+
+def gather_worker_nodes(world: int) -> list[str]:
+    """Ray node id of every rank, in rank order: the evidence that a multi-node run really
+    spread over nodes (train_metrics.json `worker_nodes`). One all-gather per attempt."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node_id]
+    nodes = [None] * world
+    torch.distributed.all_gather_object(nodes, node_id)
+    return nodes
 
 
 def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) -> dict:
