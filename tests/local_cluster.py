@@ -109,10 +109,12 @@ class LocalCluster:
         return proc
 
     def submit(self, entrypoint: list[str], timeout: float = 600, check: bool = True, env: dict | None = None,
-               no_wait: bool = False) -> subprocess.CompletedProcess:
-        """`ray job submit` of the repo, exactly as the README shows it (plus this cluster's address)."""
+               submission_id: str | None = None) -> subprocess.CompletedProcess:
+        """`ray job submit` of the repo, exactly as the README shows it (plus this cluster's address).
+        With a submission_id it returns at once (--no-wait); poll `ray job status ID`."""
+        detach = ["--no-wait", f"--submission-id={submission_id}"] if submission_id else []
         return self.ray("job", "submit", f"--address={self.dashboard_url}", "--working-dir=.",
-                        "--runtime-env=jobs/runtime_env.yaml", *(["--no-wait"] if no_wait else []), "--", *entrypoint,
+                        "--runtime-env=jobs/runtime_env.yaml", *detach, "--", *entrypoint,
                         timeout=timeout, check=check, env=env)
 
     def alive_nodes(self) -> list[dict]:
