@@ -143,7 +143,7 @@ def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
 
 def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str]) -> None:
     from .student import resolve_student
-    from .train import train_method
+    from .train import train_method, train_storage_root
 
     state.require("data", "cwt-ray chunk CONFIG")
     for method in methods:
@@ -153,14 +153,16 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
             continue
         if method == "cwt":
             state.require("chunk", "cwt-ray chunk CONFIG")
-        prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force)
+        prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force,
+                              storage_uri=train_storage_root(cfg, run_dir) if cfg.ray.storage_uri else None)
         metrics = train_method(cfg, method, run_dir, resolve_student(cfg.student), student_info(cfg, method))
         print(f"[train {method}] done: {metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> "
               f"{metrics['final_loss']:.3f}, {metrics['processed_tokens_per_s']:.0f} tok/s", flush=True)
         state.mark(key)
 
 
-def prepare_train_storage(run_dir: Path, method: str, fingerprint: str, fresh: bool) -> None:
+def prepare_train_storage(run_dir: Path, method: str, fingerprint: str, fresh: bool,
+                          storage_uri: str | None = None) -> None:
     """Ray Train resumes a run from the latest checkpoint under (storage_path, name). Keep that
     folder when an interrupted attempt with the same config left it; clear it when the config
     changed or a fresh start was asked for, so a stale checkpoint is never resumed."""
@@ -168,8 +170,19 @@ def prepare_train_storage(run_dir: Path, method: str, fingerprint: str, fresh: b
     stamp = run_dir / "ray" / f"train-{method}.fingerprint"
     if fresh or not stamp.is_file() or stamp.read_text() != fingerprint:
         shutil.rmtree(storage, ignore_errors=True)
+        if storage_uri:   # checkpoints on object storage (ray.storage_uri); the stamp stays in run_dir
+            remove_uri_tree(f"{storage_uri}/train-{method}")
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
+
+
+def remove_uri_tree(uri: str) -> None:
+    """Delete a folder given as a URI (s3://, gs://, file://) or path, if it exists."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def _stage_eval(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str]) -> None:

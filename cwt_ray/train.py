@@ -340,6 +340,14 @@ def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) ->
     }
 
 
+def train_storage_root(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """Ray Train's storage_path: <ray.storage_uri>/<name> (object storage such as s3://, reached
+    from every node without a shared disk, and kept after the cluster is gone) or <run_dir>/ray."""
+    if cfg.ray.storage_uri:
+        return f"{cfg.ray.storage_uri.rstrip('/')}/{cfg.name}"
+    return str(run_dir / "ray")
+
+
 def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path, student_info: dict) -> dict:
     """Driver side: launch the TorchTrainer, then copy the final checkpoint to students/<method>."""
     import ray.train
@@ -353,7 +361,7 @@ def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=f"train-{method}", storage_path=str(run_dir / "ray"),
+            name=f"train-{method}", storage_path=train_storage_root(cfg, run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=2)),
     )

@@ -117,6 +117,17 @@ class LocalCluster:
                         "--runtime-env=jobs/runtime_env.yaml", *detach, "--", *entrypoint,
                         timeout=timeout, check=check, env=env)
 
+    def wait_for_job(self, submission_id: str, timeout: float) -> str:
+        """Poll `ray job status` until the job ends; returns succeeded, failed or stopped."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.ray("job", "status", f"--address={self.dashboard_url}", submission_id, check=False).stdout
+            for state in ("succeeded", "failed", "stopped"):
+                if f"Job '{submission_id}' {state}" in out:
+                    return state
+            time.sleep(2)
+        raise AssertionError(f"job {submission_id} still running after {timeout:.0f}s")
+
     def alive_nodes(self) -> list[dict]:
         out = self.ray("list", "nodes", f"--address={self.dashboard_url}", "--format=json", "--filter", "state=ALIVE",
                        timeout=60).stdout

@@ -115,13 +115,9 @@ def test_killed_node_job_resumes_from_last_checkpoint_on_a_new_node(cluster):
     cluster.kill_node(doomed)
     cluster.add_node(num_cpus=1)   # the replacement machine
 
-    status = ""
-    while not any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-        assert time.monotonic() < deadline + 300, f"job still running: {status}"
-        time.sleep(3)
-        status = cluster.ray("job", "status", f"--address={cluster.dashboard_url}", job_id, check=False).stdout
+    status = cluster.wait_for_job(job_id, timeout=300)
     logs = cluster.ray("job", "logs", f"--address={cluster.dashboard_url}", job_id).stdout
-    assert "SUCCEEDED" in status, logs[-6000:]
+    assert status == "succeeded", logs[-6000:]
 
     resumed = [int(line.rsplit(" ", 1)[1]) for line in logs.splitlines()
                if "resumed from checkpoint at step" in line]
@@ -137,3 +133,69 @@ def test_killed_node_job_resumes_from_last_checkpoint_on_a_new_node(cluster):
     assert [json.loads(r)["loss"] for r in before] == [r["loss"] for r in rows[:len(before)]]
     # The retry ran on the head and the replacement node, not on the killed one.
     assert len(set(metrics["worker_nodes"])) == 2 and not set(metrics["worker_nodes"]) <= first_nodes
+
+
+def _prepared(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)   # what `ray up` does first: merge the provider's defaults
+    validate_config(prepared)            # Ray's JSON schema (ray/autoscaler/ray-schema.json) + checks
+    return prepared
+
+
+def test_cluster_files_validate_against_rays_schema():
+    from ray.autoscaler._private.util import validate_config
+
+    _prepared(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    # The wheel ships no defaults for the fake provider, so that file is complete on its own.
+    validate_config(yaml.safe_load((ROOT / "configs" / "cluster" / "fake_multinode.yaml").read_text()))
+
+
+def test_cluster_schema_check_catches_a_misspelt_key():
+    import jsonschema
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["idle_timeout_minute"] = config.pop("idle_timeout_minutes")
+    with pytest.raises(jsonschema.ValidationError, match="idle_timeout_minute"):
+        _prepared(config)
+
+
+def test_cluster_yaml_keeps_auth_on_dashboard_private_and_gpus_autoscaled():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    head_start = " ".join(config["head_start_ray_commands"])
+    worker_start = " ".join(config["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert "/home/ubuntu/.ray/auth_token" in config["file_mounts"]
+    gpu = config["available_node_types"]["ray.worker.gpu"]
+    assert gpu["min_workers"] == 0 and 1 <= gpu["max_workers"] <= config["max_workers"]
+    assert gpu["resources"].get("GPU", 0) >= 1
+    setup = " ".join(config["setup_commands"])
+    assert "constraints-gpu.txt" in setup and "grep -v '^torch=='" in setup   # pinned, but the image's CUDA torch
+    assert "ray.storage_uri=s3://" in (ROOT / "cluster.yaml").read_text()
+
+
+def test_storage_path_must_be_a_filesystem_path(smoke_cfg):
+    from cwt_ray.config import UserError
+
+    with pytest.raises(UserError, match="storage_path.*ray.storage_uri"):
+        smoke_cfg("storage_path=s3://bucket/runs")
+
+
+def test_checkpoints_on_a_storage_uri_are_cleared_when_the_config_changes(smoke_cfg, tmp_path):
+    from cwt_ray.pipeline import prepare_train_storage
+    from cwt_ray.train import train_storage_root
+
+    cfg = smoke_cfg(f"ray.storage_uri=file://{tmp_path}/bucket/")
+    root = train_storage_root(cfg, cfg.run_dir)
+    assert root == f"file://{tmp_path}/bucket/smoke"
+    assert train_storage_root(smoke_cfg(), cfg.run_dir) == str(cfg.run_dir / "ray")
+    stale = tmp_path / "bucket" / "smoke" / "train-cwt" / "checkpoint_1"
+    stale.mkdir(parents=True)
+    prepare_train_storage(cfg.run_dir, "cwt", "fp-a", fresh=False, storage_uri=root)
+    assert not stale.exists()   # no stamp yet: whatever was there belongs to another run
+    stale.mkdir(parents=True)
+    prepare_train_storage(cfg.run_dir, "cwt", "fp-a", fresh=False, storage_uri=root)
+    assert stale.exists()       # same config: an interrupted attempt's checkpoint is kept for resume
+    prepare_train_storage(cfg.run_dir, "cwt", "fp-b", fresh=False, storage_uri=root)
+    assert not stale.exists()   # changed config: never resume a stale checkpoint
