@@ -75,8 +75,12 @@ class LocalCluster:
     def _ray_start(self, args: list[str], env: dict | None = None) -> int:
         """Run `ray start ...` in a new session: the daemons it leaves behind keep its process group."""
         log = self.logs / f"ray-start-{len(self.groups)}.log"
+        # RAY_ADDRESS pins every process of the node to this cluster: Ray code that looks up "auto"
+        # (Ray Train's placement-group cleaner, the state API) otherwise finds several clusters on
+        # this machine and fails with "Found multiple active Ray instances".
+        node_env = {**self.env, "RAY_ADDRESS": self.gcs_address, **(env or {})}
         with open(log, "w") as out:
-            proc = subprocess.Popen([str(BIN / "ray"), "start", "--disable-usage-stats", *args], env={**self.env, **(env or {})},
+            proc = subprocess.Popen([str(BIN / "ray"), "start", "--disable-usage-stats", *args], env=node_env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.groups.append(proc.pid)   # a session leader's pid is its process group id
         if proc.wait(timeout=120) != 0:
@@ -125,7 +129,7 @@ class LocalCluster:
             for state in ("succeeded", "failed", "stopped"):
                 if f"Job '{submission_id}' {state}" in out:
                     return state
-            time.sleep(2)
+            time.sleep(5)   # each `ray job status` costs about a CPU-second
         raise AssertionError(f"job {submission_id} still running after {timeout:.0f}s")
 
     def alive_nodes(self) -> list[dict]:
