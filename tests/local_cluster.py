@@ -94,16 +94,27 @@ class LocalCluster:
             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
             *([f"--resources={json.dumps(resources)}"] if resources else []), *extra], env)
 
-    def add_node(self, num_cpus: int, resources: dict | None = None) -> int:
-        """Start a worker node; returns its process group id (the handle kill_node takes)."""
-        return self._ray_start([
-            f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            *([f"--resources={json.dumps(resources)}"] if resources else [])])
+    def add_node(self, num_cpus: int, resources: dict | None = None, tries: int = 3) -> int:
+        """Start a worker node; returns its process group id (the handle kill_node takes).
+        On a loaded machine `ray start` can time out reaching a busy GCS ("The current node timed
+        out during startup"); like a machine that failed to join, it is removed and started again."""
+        for attempt in range(tries):
+            try:
+                return self._ray_start([
+                    f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    *([f"--resources={json.dumps(resources)}"] if resources else [])])
+            except RuntimeError:
+                self.kill_node(self.groups[-1])
+                if attempt == tries - 1:
+                    raise
 
     def kill_node(self, group: int) -> None:
         """SIGKILL every process of one node at once: no graceful shutdown, like a lost machine."""
-        os.killpg(group, signal.SIGKILL)
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def ray(self, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         proc = subprocess.run([str(BIN / "ray"), *args], env={**self.env, **(env or {})}, cwd=ROOT,

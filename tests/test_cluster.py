@@ -101,9 +101,11 @@ def test_killed_node_job_resumes_from_last_checkpoint_on_a_new_node(cluster):
     storage = cluster.temp_dir / "runs"
     # 64 questions / batch 8 = 8 steps per epoch, 3 epochs: checkpoints after steps 8 and 16.
     job_id = "cwt-fault-test"
-    cluster.submit(smoke_job(storage, "data.train_size=64", "train.epochs=3", "train.max_steps=null"),
-                   submission_id=job_id)
-    train_dir = storage / "smoke" / "ray" / "train-std_cot"
+    # Checkpoints through a URI (ray.storage_uri), the path object storage takes on a real cluster.
+    bucket = cluster.temp_dir / "bucket"
+    cluster.submit(smoke_job(storage, "data.train_size=64", "train.epochs=3", "train.max_steps=null",
+                             f"ray.storage_uri=file://{bucket}"), submission_id=job_id)
+    train_dir = bucket / "smoke" / "train-std_cot"
 
     deadline = time.monotonic() + 300
     while not _checkpoints(train_dir):
