@@ -190,7 +190,10 @@ class Chunker:
     """Ray Data callable class. Each actor loads what its heuristic needs once: the student's
     tokenizer (chunk token counts), the sentence encoder (semantic), the student (sbc)."""
 
-    def __init__(self, cfg: dict, tokenizer_path: str, embedding_path: str | None, student_path: str | None):
+    def __init__(self, cfg: dict, tokenizer_path: str, embedding_path: str | None, student_path: str | None,
+                 student_model=None):
+        """`student_model`: score with this model as it is (the training loop re-runs SBC with the
+        student it is training) instead of loading `student_path`."""
         import torch
 
         from .config import ExperimentConfig
@@ -198,7 +201,8 @@ class Chunker:
 
         self.exp = ExperimentConfig.model_validate(cfg)
         self.cfg = self.exp.chunk
-        torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
+        if student_model is None:
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.encoder = None
@@ -206,7 +210,12 @@ class Chunker:
             from sentence_transformers import SentenceTransformer
             self.encoder = SentenceTransformer(embedding_path, device=self.device)
         self.student = None
-        if student_path:
+        if student_model is not None:
+            from .samples import SampleBuilder
+            self.student = student_model
+            self.device = next(student_model.parameters()).device
+            self.builder = SampleBuilder(self.tokenizer, self.exp)
+        elif student_path:
             from .samples import SampleBuilder
             self.student = load_model(student_path, self.exp.student.trust_remote_code).to(self.device).eval()
             self.builder = SampleBuilder(load_tokenizer(student_path), self.exp)

@@ -35,12 +35,43 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 methods=[cwt]")
         if name == "run":
             p.add_argument("--overwrite", action="store_true", help="delete the run directory and start over")
+    g = sub.add_parser("generate", help="answer one question with a saved student (skip-aware for STT students)",
+                       description="Answer one question with a saved student folder (e.g. runs/quickstart/students/stt); "
+                                   "prints the reasoning stage by stage, what was skipped, and the answer.")
+    g.add_argument("student", help="student folder with a cwt_student.json (runs/<name>/students/<method>)")
+    g.add_argument("question")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--skip-confidence", type=float, default=None,
+                   help="STT: skip a stage only when P(skip) >= this (default: the student's greedy choice)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
+
+
+def _generate(args) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from .pipeline import OFFLINE_ENV
+
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    if not (Path(args.student) / "cwt_student.json").is_file():
+        raise UserError(f"{args.student}: not a student folder (no cwt_student.json); try runs/<name>/students/<method>")
+    if args.skip_confidence is not None and not 0 <= args.skip_confidence <= 1:
+        raise UserError(f"--skip-confidence must be in [0, 1] (got {args.skip_confidence})")
+    from .decode import answer_question, format_answer
+
+    result = answer_question(args.student, args.question, args.max_new_tokens, args.skip_confidence)
+    print(json.dumps(result, indent=2) if args.json else format_answer(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate":
+            return _generate(args)
         cfg = load_config(args.config, args.overrides)
         from .pipeline import run_stages
 

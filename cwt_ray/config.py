@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("std_cot", "cwt")
+METHODS = ("std_cot", "cwt", "stt")
 
 
 class UserError(Exception):
@@ -25,8 +25,9 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    answer_type: Literal["number"] = Field(
-        "number", description="Which answer extractor reads the student's output (registry in extract.py).")
+    answer_type: Literal["number", "yes_no", "choice", "exact"] = Field(
+        "number", description="Which answer extractor reads the student's output (registry in extract.py): "
+                              "'number', 'yes_no', 'choice' (a multiple-choice letter A-E) or 'exact' (string).")
     answer_template: str = Field(
         "#### {answer}", description="How the answer is written after the rationale; must contain {answer}.")
 
@@ -114,6 +115,9 @@ class ChunkConfig(_Strict):
     sbc_student: Optional[str] = Field(None, description="Student folder that scores chunks (e.g. a checkpoint in the "
                                                          "run directory); None = the run's initial student.")
     sbc_batch_size: int = Field(16, ge=1, description="Candidate sequences per forward pass.")
+    sbc_every_epochs: Optional[int] = Field(
+        None, ge=1, description="sbc: re-run the search with the student being trained every E epochs and rebuild "
+                                "the CWT samples from the new chunks (split over the training workers).")
     # Ray Data
     batch_size: int = Field(64, ge=1, description="Rationales per Ray Data batch.")
     concurrency: int = Field(1, ge=1, description="Ray Data chunking actors.")
@@ -130,6 +134,61 @@ class StagesConfig(_Strict):
     answer_marker: str = Field("[answer] ", description="Written before the answer stage.")
     answer_stage: Literal["separate", "with_last_chunk"] = Field(
         "separate", description="'separate': the answer is its own stage/sample; 'with_last_chunk': it is part of chunk K's target.")
+
+
+class SkipConfig(_Strict):
+    """Skip-thinking (STT): skip data from the CWT student, continued training, skip-aware inference."""
+    gate: Literal["nll", "correct"] = Field(
+        "nll", description="When a chunk may be skipped. 'correct': the student still writes the gold answer "
+                           "(greedy, teacher-forced on the kept chunks) without it; 'nll': the gold answer's mean "
+                           "token NLL rises by less than `threshold` nats.")
+    threshold: float = Field(0.1, ge=0, description="nll gate: largest allowed rise of the answer's mean token NLL.")
+    removal: Literal["one_at_a_time", "cumulative"] = Field(
+        "cumulative", description="'one_at_a_time': each chunk is tested alone against the full rationale, and each "
+                                  "skippable chunk gives its own skip sample; 'cumulative': greedy removal, each "
+                                  "further chunk tested with the ones already removed, one skip sample per rationale.")
+    skippable: Literal["middle", "any"] = Field(
+        "middle", description="Which chunk stages may be skipped: 'middle' (neither the first nor the last) or 'any'. "
+                              "The answer stage never is.")
+    max_skips: Optional[int] = Field(None, ge=1, description="At most this many chunks skipped per rationale.")
+    require_correct: bool = Field(
+        True, description="Rationales whose answer the student gets wrong even with every chunk give no skip "
+                          "sample (counted). Always true for the 'correct' gate.")
+    style: Literal["marker", "jump"] = Field(
+        "marker", description="How a skipped stage appears in the text: 'marker': its stage marker followed by "
+                              "skip_text instead of the chunk; 'jump': the stage index jumps ([1] ... [3] ...).")
+    skip_text: str = Field("<skip> ", min_length=1, description="What the student writes instead of a skipped chunk.")
+    chunk_mix: float = Field(
+        0.5, ge=0, le=1, description="Fraction of the CWT chunk samples mixed into STT training (against forgetting).")
+    epochs: float = Field(1.0, gt=0, description="STT training epochs over the skip data (continuing from CWT).")
+    lr: Optional[float] = Field(None, gt=0, description="STT learning rate; None = train.lr.")
+    skip_confidence: Optional[float] = Field(
+        None, ge=0, le=1, description="Inference: skip a stage only when P(skip) >= this at a decision point, "
+                                      "otherwise write the chunk; None = the student's own greedy choice (no "
+                                      "intervention). Needs style 'marker'.")
+    batch_size: int = Field(16, ge=1, description="Rationales per Ray Data batch in the skip data generator.")
+    score_batch_size: int = Field(16, ge=1, description="Candidate sequences per forward pass.")
+    concurrency: int = Field(1, ge=1, description="Ray Data skip-scoring actors.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: Optional[float] = Field(None, ge=0, description="None: one GPU per actor when the cluster has GPUs.")
+
+    @model_validator(mode="after")
+    def _confidence_needs_marker(self) -> "SkipConfig":
+        if self.skip_confidence is not None and self.style != "marker":
+            raise ValueError("stt.skip_confidence needs stt.style 'marker' (a jump has no single decision token)")
+        if self.style == "jump" and self.skippable == "any":
+            # Generation starts after the first stage's marker, so stage 1 cannot be jumped over.
+            raise ValueError("stt.style 'jump' needs stt.skippable 'middle'")
+        return self
+
+
+class LoraConfig(_Strict):
+    """Low-rank adapters (peft) instead of full fine-tuning; saved students have the adapters merged."""
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head).")
 
 
 class TrainConfig(_Strict):
@@ -160,6 +219,24 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1, description="Optimizer steps between progress lines / ray.train.report calls.")
     seed: int = 0
+    checkpoint_every: Optional[int] = Field(
+        None, ge=1, description="Also checkpoint every N optimizer steps (always at each epoch end and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the last M checkpoints of a run (older ones are deleted).")
+    gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing: less memory, ~30% more compute.")
+    compile: bool = Field(False, description="torch.compile the student's forward (GPU runs; slow to start on CPU).")
+    fused_adamw: Optional[bool] = Field(None, description="Fused AdamW kernel; None = on when training on GPU.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': a full replica per worker; 'fsdp': parameters, gradients and optimizer state "
+                           "sharded over the workers (torch FSDP2, one unit per decoder layer), for students "
+                           "that do not fit one device.")
+    lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters (peft) instead of every weight; "
+                                                          "null = full fine-tuning. E.g. train.lora.r=8.")
+
+    @model_validator(mode="after")
+    def _fsdp_limits(self) -> "TrainConfig":
+        if self.strategy == "fsdp" and (self.lora or self.compile):
+            raise ValueError("train.strategy 'fsdp' does not combine with train.lora or train.compile yet")
+        return self
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
@@ -178,8 +255,13 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1, description="Ray Data generation actors.")
     cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per generation actor (fractions allowed).")
+    gpus_per_actor: Optional[float] = Field(
+        None, ge=0, description="GPUs per generation actor (fractions allowed). None: one GPU per actor when "
+                                "the cluster has GPUs, else none.")
     limit: Optional[int] = Field(None, ge=1, description="Evaluate only the first N questions of the split.")
+    latency_questions: int = Field(
+        50, ge=0, description="Batch-1 latency is measured on the first N questions of the split (sorted by id), "
+                              "one at a time on one actor, apart from the batched throughput run.")
 
 
 class RayConfig(_Strict):
@@ -203,13 +285,14 @@ class DebugConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = "./runs"
-    methods: list[Literal["std_cot", "cwt"]] = Field(default_factory=lambda: ["std_cot", "cwt"], min_length=1)
+    methods: list[Literal["std_cot", "cwt", "stt"]] = Field(default_factory=lambda: ["std_cot", "cwt"], min_length=1)
     task: TaskConfig = Field(default_factory=TaskConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     chunk: ChunkConfig = Field(default_factory=ChunkConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    stt: SkipConfig = Field(default_factory=SkipConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -230,7 +313,15 @@ class ExperimentConfig(_Strict):
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("methods must not repeat")
+        if "stt" in v and "cwt" not in v:
+            raise ValueError("'stt' continues from the CWT student: list 'cwt' in methods too")
         return v
+
+    @model_validator(mode="after")
+    def _sbc_rerun_needs_ddp(self) -> "ExperimentConfig":
+        if self.chunk.sbc_every_epochs and self.train.strategy == "fsdp":
+            raise ValueError("chunk.sbc_every_epochs scores with the whole student on each worker: use train.strategy 'ddp'")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -239,7 +330,9 @@ class ExperimentConfig(_Strict):
     def fingerprint(self, *sections: str) -> str:
         """Hash of the config sections a stage depends on; a changed hash means the stage is redone."""
         dump = self.model_dump(mode="json")
-        blob = json.dumps({s: dump[s] for s in sections}, sort_keys=True)
+        # A section ('train') or one key of it ('stt.gate'): inference knobs must not redo training.
+        picked = {s: dump[s.split(".")[0]][s.split(".")[1]] if "." in s else dump[s] for s in sections}
+        blob = json.dumps(picked, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

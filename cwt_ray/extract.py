@@ -79,8 +79,132 @@ class NumberExtractor:
         return predicted is not None and Decimal(predicted) == Decimal(gold)
 
 
-EXTRACTORS: dict[str, Callable[[str], NumberExtractor]] = {"number": NumberExtractor}
+def _line_after(pattern: re.Pattern | None, text: str) -> list[str]:
+    """What follows each match of the answer format's prefix, up to the end of its line."""
+    return [hit.split("\n")[0] for hit in pattern.findall(text)] if pattern else []
 
 
-def get_extractor(answer_type: str, answer_template: str) -> NumberExtractor:
+def _prefix_pattern(answer_template: str) -> re.Pattern | None:
+    prefix = answer_template.partition("{answer}")[0].strip()
+    return re.compile(re.escape(prefix) + r"[ \t]*(.*)") if prefix else None
+
+
+_ANSWER_IS = re.compile(r"answer is[:\s]*(.*)", re.IGNORECASE)
+
+
+class YesNoExtractor:
+    """Yes/no questions: 'Yes.', '**no**', 'True', 'The answer is no, because...'. 'yesterday' is not
+    'yes'; true/false count as yes/no (StrategyQA-style data writes both)."""
+
+    _WORD = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
+    _CANON = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
+
+    def __init__(self, answer_template: str):
+        self._formatted = _prefix_pattern(answer_template)
+
+    def _first(self, text: str) -> Optional[str]:
+        m = self._WORD.search(text)
+        return self._CANON[m.group(1).lower()] if m else None
+
+    def normalize_gold(self, answer: str) -> Optional[str]:
+        text = str(answer).strip()
+        m = self._WORD.fullmatch(text.strip(" .!*\"'"))
+        return self._CANON[m.group(1).lower()] if m else None
+
+    def extract(self, text: str) -> Extraction:
+        for hit in _line_after(self._formatted, text):
+            if (got := self._first(hit)) is not None:
+                return Extraction(got, True)
+        for hit in _ANSWER_IS.findall(text):
+            if (got := self._first(hit.split("\n")[0])) is not None:
+                return Extraction(got, False)
+        words = self._WORD.findall(text)
+        return Extraction(self._CANON[words[-1].lower()] if words else None, False)
+
+    def contains(self, text: str, gold: str) -> bool:
+        return any(self._CANON[w.lower()] == gold for w in self._WORD.findall(text))
+
+    @staticmethod
+    def is_correct(predicted: Optional[str], gold: str) -> bool:
+        return predicted == gold
+
+
+class ChoiceExtractor:
+    """Multiple-choice letters A-J: '#### (B)', '#### b', 'The answer is C)', '(D) 42 apples'.
+    A bare capital outside a choice mark ('A farmer has...') is not an answer."""
+
+    _MARKED = re.compile(r"\(([A-Ja-j])\)|(?<![\w(])([A-Ja-j])\)")
+    _BARE = re.compile(r"^\W*\(?([A-Ja-j])\b(?:\)|\.|:|\s|$)")
+
+    def __init__(self, answer_template: str):
+        self._formatted = _prefix_pattern(answer_template)
+
+    def _letter(self, text: str, bare_ok: bool) -> Optional[str]:
+        m = self._BARE.match(text) if bare_ok else None
+        if m:
+            return m.group(1).upper()
+        m = self._MARKED.search(text)
+        return (m.group(1) or m.group(2)).upper() if m else None
+
+    def normalize_gold(self, answer: str) -> Optional[str]:
+        text = str(answer).strip()
+        m = re.fullmatch(r"\(?([A-Ja-j])[).]?", text)
+        return m.group(1).upper() if m else None
+
+    def extract(self, text: str) -> Extraction:
+        for hit in _line_after(self._formatted, text):
+            if (got := self._letter(hit, bare_ok=True)) is not None:
+                return Extraction(got, True)
+        for hit in _ANSWER_IS.findall(text):
+            if (got := self._letter(hit.split("\n")[0], bare_ok=True)) is not None:
+                return Extraction(got, False)
+        marks = self._MARKED.findall(text)
+        return Extraction((marks[-1][0] or marks[-1][1]).upper() if marks else None, False)
+
+    def contains(self, text: str, gold: str) -> bool:
+        return any((a or b).upper() == gold for a, b in self._MARKED.findall(text))
+
+    @staticmethod
+    def is_correct(predicted: Optional[str], gold: str) -> bool:
+        return predicted == gold
+
+
+def normalize_text(text: str) -> str:
+    """Case, surrounding punctuation/markup and runs of whitespace do not make answers differ."""
+    return " ".join(str(text).strip().strip(".!*`\"'").casefold().split())
+
+
+class ExactExtractor:
+    """Free-text answers compared after normalize_text (e.g. last-letter concatenation: 'nkyu')."""
+
+    def __init__(self, answer_template: str):
+        self._formatted = _prefix_pattern(answer_template)
+
+    def normalize_gold(self, answer: str) -> Optional[str]:
+        norm = normalize_text(answer)
+        return norm or None
+
+    def extract(self, text: str) -> Extraction:
+        for hit in _line_after(self._formatted, text):
+            if normalize_text(hit):
+                return Extraction(normalize_text(hit), True)
+        for hit in _ANSWER_IS.findall(text):
+            if normalize_text(hit.split("\n")[0]):
+                return Extraction(normalize_text(hit.split("\n")[0]), False)
+        lines = [normalize_text(line) for line in text.splitlines() if normalize_text(line)]
+        return Extraction(lines[-1] if lines else None, False)
+
+    def contains(self, text: str, gold: str) -> bool:
+        return gold in normalize_text(text)
+
+    @staticmethod
+    def is_correct(predicted: Optional[str], gold: str) -> bool:
+        return predicted == gold
+
+
+EXTRACTORS: dict[str, Callable] = {"number": NumberExtractor, "yes_no": YesNoExtractor, "choice": ChoiceExtractor,
+                                   "exact": ExactExtractor}
+
+
+def get_extractor(answer_type: str, answer_template: str):
     return EXTRACTORS[answer_type](answer_template)

@@ -29,8 +29,14 @@ _DEPS = {
     "train/std_cot": ("task", "prompt", "data", "student", "train"),
     "train/cwt": ("task", "prompt", "data", "student", "chunk", "stages", "train"),
 }
-for _m in ("std_cot", "cwt"):
+# Skip data depends on how removals are judged and written; STT training adds its own knobs; the
+# inference threshold only changes evaluation, so sweeping it never retrains.
+_DEPS["skip"] = _DEPS["train/cwt"] + tuple(f"stt.{k}" for k in (
+    "gate", "threshold", "removal", "skippable", "max_skips", "require_correct", "style", "skip_text"))
+_DEPS["train/stt"] = _DEPS["skip"] + ("stt.chunk_mix", "stt.epochs", "stt.lr")
+for _m in ("std_cot", "cwt", "stt"):
     _DEPS[f"eval/{_m}"] = _DEPS[f"train/{_m}"] + ("eval",)
+_DEPS["eval/stt"] += ("stt.skip_confidence",)
 
 
 class RunState:
@@ -103,7 +109,8 @@ def student_info(cfg: ExperimentConfig, method: str) -> dict:
     return {"method": method, "base_student": cfg.student.name, "prompt_template": cfg.prompt.template,
             "answer_type": cfg.task.answer_type, "answer_template": cfg.task.answer_template,
             "chunk_marker": cfg.stages.chunk_marker, "answer_marker": cfg.stages.answer_marker,
-            "answer_stage": cfg.stages.answer_stage}
+            "answer_stage": cfg.stages.answer_stage, "skip_text": cfg.stt.skip_text, "skip_style": cfg.stt.style,
+            "skippable": cfg.stt.skippable}
 
 
 def _stage_data(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool) -> None:
@@ -141,21 +148,54 @@ def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
     state.mark("chunk")
 
 
+def _stage_skip(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool) -> None:
+    from .skip import skip_split
+
+    if state.is_done("skip") and not force:
+        print("[skip] up to date, skipped", flush=True)
+        return
+    state.require("train/cwt", "cwt-ray train CONFIG")
+    t0 = time.perf_counter()
+    s = skip_split(run_dir, run_dir / "skips" / "train", cfg, run_dir / "students" / "cwt")
+    print(f"[skip] {s['rationales_in']} rationales ({cfg.stt.gate} gate, {cfg.stt.removal}): {s['skipped']} with a skip "
+          f"({s['chunks_skipped']}/{s['skippable_chunks']} skippable chunks), {s['none_skippable']} none skippable, "
+          f"{s['wrong_with_all_chunks']} wrong even with every chunk, {s['too_long'] + s['error']} not scored; "
+          f"{s['skip_sequences']} skip sequences, {time.perf_counter() - t0:.1f}s", flush=True)
+    state.mark("skip")
+
+
+def stt_train_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """STT continues from the CWT student with its own epochs and learning rate."""
+    out = cfg.model_copy(deep=True)
+    out.train.epochs = cfg.stt.epochs
+    if cfg.stt.lr:
+        out.train.lr = cfg.stt.lr
+    return out
+
+
 def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str]) -> None:
     from .student import resolve_student
     from .train import train_method, train_storage_root
 
+    from .config import METHODS
+
     state.require("data", "cwt-ray chunk CONFIG")
-    for method in methods:
+    for method in sorted(methods, key=METHODS.index):   # stt continues from cwt: train that first
         key = f"train/{method}"
+        if method == "stt":   # skip data first, from the CWT student trained just before
+            _stage_skip(cfg, run_dir, state, force)
         if state.is_done(key) and not force:
             print(f"[train {method}] up to date, skipped", flush=True)
             continue
-        if method == "cwt":
+        if method in ("cwt", "stt"):
             state.require("chunk", "cwt-ray chunk CONFIG")
         prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force,
                               storage_uri=train_storage_root(cfg, run_dir) if cfg.ray.storage_uri else None)
-        metrics = train_method(cfg, method, run_dir, resolve_student(cfg.student), student_info(cfg, method))
+        if method == "stt":
+            metrics = train_method(stt_train_config(cfg), method, run_dir, run_dir / "students" / "cwt",
+                                   student_info(cfg, method))
+        else:
+            metrics = train_method(cfg, method, run_dir, resolve_student(cfg.student), student_info(cfg, method))
         print(f"[train {method}] done: {metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> "
               f"{metrics['final_loss']:.3f}, {metrics['processed_tokens_per_s']:.0f} tok/s", flush=True)
         state.mark(key)
@@ -246,7 +286,7 @@ def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: t
     with ray_session(cfg) if needs_ray else contextlib.nullcontext():
         if "data" in stages:
             _stage_data(cfg, run_dir, state, "data" in force)
-        if "chunk" in stages and "cwt" in cfg.methods:
+        if "chunk" in stages and "cwt" in cfg.methods:   # stt needs cwt (config check)
             _stage_chunk(cfg, run_dir, state, "chunk" in force)
         if "train" in stages:
             _stage_train(cfg, run_dir, state, "train" in force, cfg.methods)

@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import ExperimentConfig
 from .train import TRAIN_LOG, TRAIN_METRICS
 
-METHOD_NAMES = {"std_cot": "Std-CoT", "cwt": "CWT"}
+METHOD_NAMES = {"std_cot": "Std-CoT", "cwt": "CWT", "stt": "STT"}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -46,41 +46,93 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _ratio(value, base) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "n/a"
+
+
 def write_report(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    from .skip import read_skip_summary
+
     methods = cfg.methods
-    rows, metrics = [], {}
+    metrics = {}
     for method in methods:
         t = _read_json(run_dir / "students" / method / TRAIN_METRICS) or {}
         e = _read_json(run_dir / "evals" / method / "metrics.json") or {}
         metrics[method] = {"train": t, "eval": e}
-        rows.append(
-            f"| {METHOD_NAMES.get(method, method)} | {_fmt(e.get('accuracy'), '.1%')} | {_fmt(e.get('complete'), '.1%')} "
-            f"| {_fmt(e.get('correct_format'), '.1%')} | {_fmt(e.get('tokens_generated'), '.1f')} "
-            f"| {_fmt(e.get('latency_s'), '.3f')} | {_fmt(t.get('first_loss'), '.3f')} -> {_fmt(t.get('final_loss'), '.3f')} "
-            f"| {t.get('steps', 'n/a')} | {_fmt(t.get('train_time_s'), '.0f')} | {_fmt(t.get('processed_tokens_per_s'), '.0f')} "
-            f"| {_fmt(t.get('supervised_tokens_per_s'), '.0f')} | {_fmt(t.get('real_token_ratio'), '.2f')} |")
+    skip_summary = read_skip_summary(run_dir / "skips" / "train") if "stt" in methods else None
+    if skip_summary:
+        metrics["stt"]["skip_data"] = skip_summary
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    base = metrics[methods[0]]["eval"]
+    quality, speed, training = [], [], []
+    for method in methods:
+        t, e = metrics[method]["train"], metrics[method]["eval"]
+        name = METHOD_NAMES.get(method, method)
+        quality.append(f"| {name} | {_fmt(e.get('accuracy'), '.1%')} | {_fmt(e.get('complete'), '.1%')} "
+                       f"| {_fmt(e.get('correct_format'), '.1%')} | {_fmt(e.get('contains_answer'), '.1%')} "
+                       f"| {_fmt(e.get('stages_written'), '.2f')} | {_fmt(e.get('skipped_per_answer'), '.2f')} |")
+        speed.append(f"| {name} | {_fmt(e.get('tokens_generated'), '.1f')} ({_ratio(e.get('tokens_generated'), base.get('tokens_generated'))}) "
+                     f"| {_fmt(e.get('latency_s'), '.3f')} ({_ratio(e.get('latency_s'), base.get('latency_s'))}) "
+                     f"| {_fmt(e.get('latency_p90_s'), '.3f')} "
+                     f"| {_fmt(e.get('batched_questions_per_s'), '.2f')} ({_ratio(e.get('batched_questions_per_s'), base.get('batched_questions_per_s'))}) |")
+        training.append(f"| {name} | {_fmt(t.get('first_loss'), '.3f')} -> {_fmt(t.get('final_loss'), '.3f')} "
+                        f"| {t.get('steps', 'n/a')} | {_fmt(t.get('train_time_s'), '.0f')} | {_fmt(t.get('processed_tokens_per_s'), '.0f')} "
+                        f"| {_fmt(t.get('supervised_tokens_per_s'), '.0f')} | {_fmt(t.get('processed_per_supervised_token'), '.2f')} "
+                        f"| {_fmt(t.get('real_token_ratio'), '.2f')} "
+                        f"| {', '.join(f'{k} {v:.3f}' for k, v in (t.get('final_loss_by_kind') or {}).items()) or 'n/a'} "
+                        f"| {_fmt(t.get('peak_memory_gb'), '.2f')} | {_fmt(t.get('mfu'), '.1%')} |")
     plotted = plot_losses(run_dir, methods, run_dir / "loss_curves.png")
     data_summary = _read_json(run_dir / "data" / "summary.json") or {}
-    e0 = next((m["eval"] for m in metrics.values() if m["eval"]), {})
+    e0 = next((m["eval"] for m in metrics.values() if m.get("eval")), {})
+    base_name = METHOD_NAMES.get(methods[0], methods[0])
     lines = [
         f"# cwt-ray report: {cfg.name}",
         "",
         f"Student `{cfg.student.name}`, data `{cfg.data.source}`, evaluated on the {cfg.eval.split} split "
         f"({e0.get('n', 'n/a')} questions), greedy, max_new_tokens {cfg.eval.max_new_tokens} for every method, "
-        f"batch {cfg.eval.batch_size}, backend {e0.get('backend', 'n/a')}. Latency = batch wall time / batch size.",
+        f"backend {e0.get('backend', 'n/a')}.",
         "",
-        "| method | accuracy | complete | answer format | tokens generated | latency s/question | loss first -> last "
-        "| steps | train s | processed tok/s | supervised tok/s | real-token ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        "| method | accuracy | complete | answer format | contains answer | stages written | stages skipped |",
+        "|---|---|---|---|---|---|---|",
+        *quality,
+        "",
+        "## Speed",
+        "",
+        f"Ratios are against {base_name}. *Latency*: one question at a time (batch 1) on one actor, the first "
+        f"{e0.get('latency_n', 0)} questions of the split. *Throughput*: the whole split in batches of "
+        f"{cfg.eval.batch_size}, generation time only, per actor.",
+        "",
+        "| method | tokens generated | batch-1 latency s (mean) | p90 s | batched questions/s |",
+        "|---|---|---|---|---|",
+        *speed,
+        "",
+        "## Training",
+        "",
+        "| method | loss first -> last | steps | train s | processed tok/s | supervised tok/s "
+        "| processed per supervised token | real-token ratio | loss by target (last 10 steps) | peak memory GB | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *training,
         "",
         "Training throughput excludes the first (warm-up) step. *Processed* tokens are the non-padding tokens the "
-        "student ran forward; *supervised* tokens are those the loss saw.",
+        "student ran forward; *supervised* tokens are those the loss saw. STT continues from the CWT student. "
+        "Peak memory: GPU allocated by torch, or the CPU worker's peak resident set. MFU (GPU only): "
+        "6 x parameters x processed tokens/s over the GPUs' dense bf16 peak.",
         "",
     ]
     if plotted:
         lines += ["![training loss](loss_curves.png)", ""]
+    if skip_summary:
+        s = skip_summary
+        lines += ["## Skip data (STT)", "",
+                  f"Gate `{s['gate']}`" + (f" (threshold {s['threshold']} nats)" if s["gate"] == "nll" else "")
+                  + f", removal `{s['removal']}`, style `{s['style']}`, scored by the CWT student.", "",
+                  "| rationales | with a skip | none skippable | wrong with every chunk | no middle chunk | too long / error "
+                  "| chunks skipped / skippable | skip sequences |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {s['rationales_in']} | {s['skipped']} | {s['none_skippable']} | {s['wrong_with_all_chunks']} "
+                  f"| {s['no_middle_chunk']} | {s['too_long'] + s['error']} | {s['chunks_skipped']} / {s['skippable_chunks']} "
+                  f"| {s['skip_sequences']} |", "",
+                  "Per-rationale decisions with every removal tested: `skips/train/skips.parquet`.", ""]
     if data_summary:
         lines += ["## Data", "", "| split | rows in | kept | rejected |", "|---|---|---|---|"]
         lines += [f"| {s} | {c['rows_in']} | {c['kept']} | {c['rejected']} |" for s, c in data_summary.items()]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ExperimentConfig
-from .samples import IGNORE, Sample
+from .samples import IGNORE, KIND_NAMES, Sample
 
 # Ray forwards a worker's print() twice under Train V2; a logger's records come through once.
 log = logging.getLogger("cwt_ray.train")
@@ -85,20 +85,24 @@ def micro_batches(share: list[int], samples: list[Sample], micro: int) -> list[l
     return [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
 
 
-def collate(batch: list[Sample], pad_id: int):
-    """Right padding (left-padded training batches gave NaN losses under bf16 SDPA on an H200)."""
+def collate(batch: list[Sample], pad_id: int, with_kinds: bool = False):
+    """Right padding (left-padded training batches gave NaN losses under bf16 SDPA on an H200).
+    With `with_kinds`, also each token's target kind (samples.KIND_*), for per-stage metrics."""
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     groups = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    kinds = torch.zeros((len(batch), width), dtype=torch.long)
     for row, s in enumerate(batch):
         n = len(s.input_ids)
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         groups[row, :n] = torch.tensor(s.token_groups())
         mask[row, :n] = 1
-    return ids, labels, groups, mask
+        if with_kinds:
+            kinds[row, :n] = torch.tensor(s.token_kinds())
+    return (ids, labels, groups, mask, kinds) if with_kinds else (ids, labels, groups, mask)
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -113,8 +117,12 @@ class SupervisedLoss(torch.nn.Module):
         super().__init__()
         self.lm = lm
         # Models that rescale or soft-cap their logits need the full head.
-        cfg = lm.config
+        cfg = self._causal_lm().config
         self.full_head = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+
+    def _causal_lm(self):
+        """The *ForCausalLM module (under a peft wrapper when training LoRA adapters)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def forward(self, ids, mask, labels, groups):
         """Returns (loss of each supervised token [N], fp32; its batch row [N]; its target group [N])."""
@@ -124,8 +132,9 @@ class SupervisedLoss(torch.nn.Module):
         if self.full_head:
             logits = self.lm(input_ids=ids, attention_mask=mask).logits[:, :-1][sup]
         else:
-            hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = self.lm.get_output_embeddings()(hidden[:, :-1][sup])
+            lm = self._causal_lm()
+            hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = lm.get_output_embeddings()(hidden[:, :-1][sup])
         return F.cross_entropy(logits.float(), target[sup], reduction="none"), rows, groups[:, 1:][sup]
 
 
@@ -147,6 +156,37 @@ def normalised_loss(tok_loss, rows, groups, batch_rows: int, normalizer: str, st
     return (sums[present] / counts[present]).sum() / denom
 
 
+def _local(t):
+    """A sharded (DTensor) value as a plain tensor: the full value for a replicated norm, this
+    rank's shard for a gradient (each rank checks its own shard for non-finite values)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and getattr(t, "placements", None) and \
+        all(p.is_replicate() for p in t.placements) else (t.to_local() if hasattr(t, "to_local") else t)
+
+
+def shard_fsdp(loss_module, lm):
+    """FSDP2: one shard unit per decoder layer (the classes the model names in
+    `_no_split_modules`), and the loss module as the root, whose forward we call: its hooks gather
+    what no layer holds (embeddings, final norm, the LM head, tied or not) around our loss code.
+    Ray's prepare_model only offers FSDP on GPUs; FSDP2 with gloo also runs on CPU."""
+    from torch.distributed.fsdp import fully_shard
+
+    unit_names = set(getattr(lm, "_no_split_modules", None) or [])
+    units = [m for m in lm.modules() if type(m).__name__ in unit_names]
+    if not units:
+        raise ValueError(f"{type(lm).__name__} names no decoder layer class (_no_split_modules): cannot shard it")
+    for unit in units:
+        fully_shard(unit)
+    return fully_shard(loss_module)
+
+
+def add_lora(model, lcfg):
+    from peft import LoraConfig, get_peft_model
+
+    target = lcfg.target_modules
+    return get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                                            target_modules=target, task_type="CAUSAL_LM"))
+
+
 def lr_lambda(cfg, total_steps: int):
     def fn(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -160,18 +200,103 @@ def lr_lambda(cfg, total_steps: int):
     return fn
 
 
-def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer):
+def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer, chunks_dir: Path | None = None):
     from .chunk import read_chunks
     from .data import read_records
     from .samples import SampleBuilder, build_samples
+    from .skip import read_skips
 
     records = read_records(run_dir / "data" / "train.parquet")
-    chunks = {}
-    if method == "cwt":
-        table = read_chunks(run_dir / "chunks" / "train")
+    chunks, skips = {}, None
+    if method in ("cwt", "stt"):
+        table = read_chunks(chunks_dir or run_dir / "chunks" / "train")
         chunks = dict(zip(table.column("id").to_pylist(), table.column("chunks").to_pylist()))
         records = [r for r in records if r["id"] in chunks]   # rationales the chunk stage rejected
-    return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks, cfg.train.cwt_schedule)
+    if method == "stt":
+        skips = read_skips(run_dir / "skips" / "train")
+    return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks, cfg.train.cwt_schedule,
+                         skips_by_id=skips, chunk_mix=cfg.stt.chunk_mix, seed=cfg.train.seed)
+
+
+# Dense bf16 peak of the GPUs we know, for the MFU estimate (6 x parameters x tokens per step).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gb(device) -> float:
+    """GPU: peak allocated by torch; CPU: the worker process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rechunk_with_student(cfg: ExperimentConfig, run_dir: Path, tokenizer_path: str, model, epoch: int,
+                         rank: int, world: int) -> Path:
+    """SBC during training: re-run the search with the student being trained, each worker on its
+    share of the rationales, and gather the chunks everywhere. Rank 0 writes them to
+    chunks/train-epoch<E>/ (same files as the chunk stage); every rank returns that folder."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .chunk import CHUNK_SCHEMA, Chunker
+    from .chunk_view import summarise
+
+    records = pq.read_table(str(run_dir / "data" / "train.parquet")).sort_by("id")
+    mine = records.take(list(range(rank, records.num_rows, world)))
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    chunker = Chunker(cfg.model_dump(mode="json"), tokenizer_path, None, None, student_model=model)
+    table = chunker(mine)
+    model.train(was_training)
+    parts = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(parts, table.to_pylist())
+    else:
+        parts = [table.to_pylist()]
+    rows = sorted((r for part in parts for r in part), key=lambda r: r["id"])
+    out = run_dir / "chunks" / f"train-epoch{epoch}"
+    if rank == 0:
+        full = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+        kept = full.filter(pc.is_valid(full.column("chunks")))
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pq.write_table(kept, tmp / "chunks.parquet")
+        summary = summarise(kept, records.num_rows, full.num_rows - kept.num_rows, cfg.chunk)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        sbc = summary.get("sbc", {})
+        log.info(f"[train cwt] epoch {epoch}: SBC re-run with the current student, {kept.num_rows} rationales, "
+                 f"mean chunk loss {sbc.get('mean_loss_before', float('nan')):.4f} -> "
+                 f"{sbc.get('mean_loss_after', float('nan')):.4f}, {time.perf_counter() - t0:.1f}s -> {out}")
+    if world > 1:
+        torch.distributed.barrier()   # the folder exists before anyone reads it
+    return out
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -207,40 +332,93 @@ def train_loop_per_worker(config: dict) -> None:
         total_steps = min(total_steps, tcfg.max_steps)
 
     torch.manual_seed(tcfg.seed)
-    start_step, log_rows = 0, []
+    start_step, log_rows, chunks_dir = 0, [], None
+    sbc_every = cfg.chunk.sbc_every_epochs if method == "cwt" and cfg.chunk.heuristic == "sbc" else None
     checkpoint = ray.train.get_checkpoint()   # set when Ray Train restarts us after a failure
     with checkpoint.as_directory() if checkpoint else nullcontext(student_path) as source:
-        model = load_model(source, cfg.student.trust_remote_code)
+        # weights_only: a checkpoint is data, never code (RNG states are tensors and tuples)
+        state = torch.load(os.path.join(source, "train_state.pt"), weights_only=True) if checkpoint else {}
+        # LoRA resumes from the base weights plus the saved adapters (the checkpoint's folder holds
+        # the merged student, for evaluation; merging again would apply the adapters twice).
+        model = load_model(student_path if tcfg.lora else source, cfg.student.trust_remote_code)
         model.config.use_cache = False
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
+        if tcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tcfg.lora:
+            model = add_lora(model, tcfg.lora)
+            if "lora" in state:
+                from peft import set_peft_model_state_dict
+                set_peft_model_state_dict(model, state["lora"])
+        model.to(device)   # the fused kernel needs the parameters on their device before it is built
         if checkpoint:
-            state = torch.load(os.path.join(source, "train_state.pt"), weights_only=True)
-            if "optimizer" in state:   # the final checkpoint keeps only its step
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
+            if "rng" in state:
+                set_rng_state(state["rng"])
             start_step = int(state["step"])
+            if state.get("chunks_dir"):   # chunks from an SBC re-run during training
+                chunks_dir = Path(state["chunks_dir"])
+                samples, dropped = load_samples(cfg, method, run_dir, tokenizer, chunks_dir)
             log_rows = [json.loads(line) for line in Path(source, TRAIN_LOG).read_text().splitlines()]
             if rank == 0:
                 log.info(f"[train {method}] resumed from checkpoint at step {start_step}")
     raw_model = model
-    model = ray.train.torch.prepare_model(SupervisedLoss(model))   # DDP wraps the loss module
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    loss_module = SupervisedLoss(model)
+    fsdp = tcfg.strategy == "fsdp"
+    if fsdp:
+        model = shard_fsdp(loss_module, raw_model)
+    else:
+        if tcfg.compile:
+            loss_module = torch.compile(loss_module)
+        model = ray.train.torch.prepare_model(loss_module)   # DDP wraps the loss module
+    # The optimizer is built on the (possibly sharded) parameters; its state follows them.
+    fused = tcfg.fused_adamw if tcfg.fused_adamw is not None else device.type == "cuda"
+    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=tcfg.lr,
+                                  weight_decay=tcfg.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
+    if "optimizer" in state:   # a resumed run (the final checkpoint keeps only its step)
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    flops_peak = peak_flops(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
 
     def save(step: int, final: bool) -> None:
-        """Rank 0 writes a checkpoint; every rank calls report (it is a barrier)."""
+        """Rank 0 writes a checkpoint; every rank calls report (it is a barrier). Under FSDP every
+        rank first helps gather the full weights and optimizer state onto rank 0's CPU."""
         metrics = {"step": step, "final": final}
+        full_model = full_optim = None
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full_model = get_model_state_dict(raw_model, options=opts)
+            full_optim = None if final else get_optimizer_state_dict(raw_model, optimizer, options=opts)
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            raw_model.save_pretrained(d)
+            if tcfg.lora:   # a plain student folder: adapters merged into a copy of the weights
+                import copy
+
+                from peft import get_peft_model_state_dict
+                copy.deepcopy(raw_model).merge_and_unload().save_pretrained(d)
+            elif fsdp:
+                raw_model.save_pretrained(d, state_dict=full_model)
+            else:
+                raw_model.save_pretrained(d)
             tokenizer.save_pretrained(d)
             write_student_json(Path(d), config["student_info"])
             Path(d, TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+            # The data position is the step: each epoch's order is a pure function of (seed, epoch).
             state = {"step": step}
             if not final:   # the final student needs no optimizer state (twice the model's size)
-                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                state.update(optimizer=full_optim if fsdp else optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+                             chunks_dir=str(chunks_dir) if chunks_dir else None)
+                if tcfg.lora:
+                    state["lora"] = get_peft_model_state_dict(raw_model)
             torch.save(state, os.path.join(d, "train_state.pt"))
             if final:
                 final_metrics = {**summary(log_rows, len(samples), dropped, world), "worker_nodes": worker_nodes}
@@ -252,7 +430,7 @@ def train_loop_per_worker(config: dict) -> None:
                  f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}")
         log.info(f"[train {method}] worker nodes (rank order): {', '.join(n[:12] for n in worker_nodes)}")
     model.train()
-    schedule = tcfg.cwt_schedule if method == "cwt" else "shuffle"
+    schedule = tcfg.cwt_schedule if method in ("cwt", "stt") else "shuffle"
     order, order_epoch = [], -1
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -261,16 +439,25 @@ def train_loop_per_worker(config: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
         epoch = step // steps_per_epoch
+        if sbc_every and epoch != order_epoch and epoch > 0 and epoch % sbc_every == 0 and step % steps_per_epoch == 0:
+            chunks_dir = rechunk_with_student(cfg, run_dir, student_path, raw_model, epoch, rank, world)
+            samples, dropped = load_samples(cfg, method, run_dir, tokenizer, chunks_dir)
+            if len(samples) // tcfg.batch_size != steps_per_epoch:   # K is kept, so this is rare
+                log.warning(f"[train cwt] re-chunked samples give {len(samples) // tcfg.batch_size} steps an epoch, "
+                            f"not {steps_per_epoch}; the epoch keeps its length")
         if epoch != order_epoch:
             order, order_epoch = epoch_steps(samples, tcfg.batch_size, tcfg.seed, epoch, schedule, tcfg.bucket_factor), epoch
+            if len(order) < steps_per_epoch:   # re-chunked samples fell short: cycle the epoch's steps
+                order = [order[i % len(order)] for i in range(steps_per_epoch)]
         global_batch = order[step % steps_per_epoch]
         step_tokens = sum(samples[i].supervised for i in global_batch)
         step_info = {"tokens": step_tokens, "samples": len(global_batch),
                      "groups": sum(samples[i].num_groups for i in global_batch)}
         mbs = micro_batches(worker_share(global_batch, rank, world), samples, tcfg.micro_batch_size)
-        local = torch.zeros(4, dtype=torch.float64)   # loss, processed (real) tokens, computed tokens, stage-0 n/a
+        # loss, processed (real) tokens, computed tokens, then token-loss sum and count per target kind
+        local = torch.zeros(3 + 2 * (len(KIND_NAMES) + 1), dtype=torch.float64)
         for j, mb in enumerate(mbs):
-            ids, labels, groups, mask = (t.to(device) for t in collate([samples[i] for i in mb], tokenizer.pad_token_id))
+            ids, labels, groups, mask, kinds = (t.to(device) for t in collate([samples[i] for i in mb], tokenizer.pad_token_id, True))
             sync = nullcontext() if j == len(mbs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast:
@@ -280,9 +467,14 @@ def train_loop_per_worker(config: dict) -> None:
             local[0] += loss.detach().double().cpu()
             local[1] += mask.sum().item()
             local[2] += mask.numel()
-        if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+            tok_kinds = kinds[:, 1:][labels[:, 1:] != IGNORE]   # same order as tok_loss
+            n_kinds = len(KIND_NAMES) + 1
+            local[3:3 + n_kinds] += torch.zeros(n_kinds, dtype=torch.float64, device=device).index_add(
+                0, tok_kinds, tok_loss.detach().double()).cpu()
+            local[3 + n_kinds:] += torch.bincount(tok_kinds, minlength=n_kinds).double().cpu()
+        if not all(torch.isfinite(_local(p.grad)).all() for p in model.parameters() if p.grad is not None):
             raise FloatingPointError(f"non-finite gradient at step {step + 1} ({method})")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or float("inf"))
+        grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or float("inf")))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -290,9 +482,15 @@ def train_loop_per_worker(config: dict) -> None:
         if world > 1:
             torch.distributed.all_reduce(local)
         dt = time.perf_counter() - t0
+        n_kinds = len(KIND_NAMES) + 1
+        sums, counts = local[3:3 + n_kinds], local[3 + n_kinds:]
         row = {"step": step + 1, "epoch": round(step / steps_per_epoch, 4), "loss": float(local[0]), "lr": lr,
                "grad_norm": float(grad_norm), "supervised_tokens": step_tokens, "processed_tokens": int(local[1]),
-               "computed_tokens": int(local[2]), "step_time_s": dt}
+               "computed_tokens": int(local[2]), "step_time_s": dt,
+               # mean token loss of each kind of target in this step (chunk stages, answer, skip, ...)
+               "loss_by_kind": {name: float(sums[k] / counts[k]) for k, name in KIND_NAMES.items() if counts[k]}}
+        if flops_peak:
+            row["mfu"] = 6 * n_params * row["processed_tokens"] / dt / (flops_peak * world)
         log_rows.append(row)
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"non-finite loss at step {step + 1} ({method})")
@@ -303,8 +501,10 @@ def train_loop_per_worker(config: dict) -> None:
             log.info(f"[train {method}] step {done}/{total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
                      f"lr {lr:.2e} tok/s {row['processed_tokens'] / dt:.0f} sup tok/s {step_tokens / dt:.0f} "
                      f"ETA {_fmt_eta(eta)}")
-        if done < total_steps and done % steps_per_epoch == 0:
+        if done < total_steps and (done % steps_per_epoch == 0 or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)):
             save(done, final=False)
+    if log_rows:
+        log_rows[-1]["peak_memory_gb"] = peak_memory_gb(device)   # rank 0's; in the final checkpoint's log
     save(total_steps, final=True)
 
 
@@ -337,6 +537,9 @@ def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) ->
         "supervised_tokens_per_s": sum(r["supervised_tokens"] for r in steady) / wall,
         "real_token_ratio": processed / computed if computed else None,
         "processed_per_supervised_token": processed / max(1, sum(r["supervised_tokens"] for r in log_rows)),
+        "peak_memory_gb": log_rows[-1].get("peak_memory_gb") if log_rows else None,
+        "mfu": (sum(r["mfu"] for r in steady) / len(steady)) if steady and "mfu" in steady[0] else None,
+        "final_loss_by_kind": _last_by_kind(log_rows),
     }
 
 
@@ -346,6 +549,15 @@ def train_storage_root(cfg: ExperimentConfig, run_dir: Path) -> str:
     if cfg.ray.storage_uri:
         return f"{cfg.ray.storage_uri.rstrip('/')}/{cfg.name}"
     return str(run_dir / "ray")
+
+
+def _last_by_kind(log_rows: list[dict], window: int = 10) -> dict:
+    """Mean over the last `window` steps of each target kind's loss (the curve's end, less noisy)."""
+    out: dict[str, list[float]] = {}
+    for r in log_rows[-window:]:
+        for k, v in r.get("loss_by_kind", {}).items():
+            out.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in out.items()}
 
 
 def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path, student_info: dict) -> dict:
@@ -362,8 +574,11 @@ def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=f"train-{method}", storage_path=train_storage_root(cfg, run_dir),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            # Our workers log one line per step; Ray Train's own INFO lines (process group set-up,
+            # device moves, every checkpoint's path) would bury them. Its warnings still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     t0 = time.perf_counter()
     result = trainer.fit()

@@ -43,3 +43,62 @@ def test_contains_answer_sees_numbers_not_digits():
 def test_parse_number_edge_cases():
     assert str(parse_number("-7 degrees")) == "-7"
     assert parse_number("abc") is None
+
+
+YN = get_extractor("yes_no", "#### {answer}")
+
+
+@pytest.mark.parametrize("text, answer, formatted", [
+    ("Birds can fly.\n#### Yes", "yes", True),
+    ("#### **no**", "no", True),
+    ("#### True.", "yes", True),
+    ("The answer is no, because fish cannot walk.", "no", False),
+    ("Yesterday it rained, so no.", "no", False),          # 'Yesterday' is not 'yes'
+    ("It is not known", None, False),
+    ("#### maybe\nyes", "yes", False),                      # formatted line unreadable: fall back
+])
+def test_yes_no_extraction(text, answer, formatted):
+    got = YN.extract(text)
+    assert (got.answer, got.formatted) == (answer, formatted)
+
+
+def test_yes_no_gold_and_contains():
+    assert YN.normalize_gold("Yes") == "yes" and YN.normalize_gold("false") == "no"
+    assert YN.normalize_gold("perhaps") is None and YN.normalize_gold("no way") is None
+    assert YN.contains("so the answer: NO", "no") and not YN.contains("nothing here", "no")
+
+
+MC = get_extractor("choice", "#### {answer}")
+
+
+@pytest.mark.parametrize("text, answer, formatted", [
+    ("Apples are red.\n#### (B)", "B", True),
+    ("#### c", "C", True),
+    ("#### D) 42 apples", "D", True),
+    ("The answer is (E).", "E", False),
+    ("A farmer has (A) 3 or (B) 4 cows; it is (B) 4", "B", False),   # last marked letter, not 'A farmer'
+    ("A farmer has cows.", None, False),
+])
+def test_choice_extraction(text, answer, formatted):
+    got = MC.extract(text)
+    assert (got.answer, got.formatted) == (answer, formatted)
+
+
+def test_choice_gold():
+    assert [MC.normalize_gold(g) for g in ("b", "(C)", "D)", "A.", "AB", "7")] == ["B", "C", "D", "A", None, None]
+    assert MC.contains("pick (c) then", "C") and not MC.contains("A cat", "A")
+
+
+EX_STR = get_extractor("exact", "#### {answer}")
+
+
+@pytest.mark.parametrize("text, answer, formatted", [
+    ("Last letters: n, k.\n#### NK.", "nk", True),
+    ("The answer is  New   York!\nmore", "new york", False),
+    ("line one\n  Final Line  ", "final line", False),
+    ("", None, False),
+])
+def test_exact_extraction(text, answer, formatted):
+    got = EX_STR.extract(text)
+    assert (got.answer, got.formatted) == (answer, formatted)
+    assert EX_STR.is_correct(got.answer, EX_STR.normalize_gold(answer or "x")) == (answer is not None)

@@ -1,0 +1,93 @@
+"""Benchmark: Ray Train (1 worker) vs a plain PyTorch loop, same model, data, batch and seed.
+
+Alternating runs in one process on one embedded Ray cluster (this machine is noisy: read the
+ratio of medians). "Ray Train" is cwt-ray's real training path (`train.train_method`: TorchTrainer,
+DDP wrapper, our loss head and normaliser, checkpoints); "plain" is `reference.plain_train` with the
+same loss module (so the ratio is what Ray Train costs); "plain_full_head" is the same loop with
+Hugging Face's full logits, the loop most people would write. All report steady-state processed
+tokens/s (the first step excluded). The loss curves must agree before any timing is trusted.
+
+    .venv/bin/python benchmarks/train_throughput.py [--config configs/quickstart.yaml] [--steps 8] \
+        [--repeats 5] [--method cwt] [override ...]
+
+Prints a table and a final JSON line. Issue 5's bar: Ray Train >= 0.95x the plain loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+from cwt_ray.config import load_config
+from cwt_ray.pipeline import prepare_train_storage, ray_session, run_stages, student_info
+from cwt_ray.reference import plain_train
+from cwt_ray.student import resolve_student
+from cwt_ray.train import train_method
+
+
+def steady_tps(rows: list[dict], key: str = "processed_tokens") -> float:
+    rows = rows[1:] if len(rows) > 1 else rows
+    return sum(r[key] for r in rows) / sum(r["step_time_s"] for r in rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--method", default="cwt", choices=["std_cot", "cwt"])
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = load_config(args.config, ["name=bench-train-throughput", f"methods=[{args.method}]",
+                                    f"train.max_steps={args.steps}", "train.num_workers=1", *args.overrides])
+    run_dir = cfg.run_dir
+    load0 = os.getloadavg()[0]
+    results = {"ray_train": [], "plain": [], "plain_full_head": []}
+    losses = {}
+    with ray_session(cfg):
+        run_stages(cfg, stages=("data", "chunk"))
+        student = resolve_student(cfg.student)
+        for rep in range(args.repeats):
+            order = ["plain", "ray_train", "plain_full_head"] if rep % 2 == 0 else ["ray_train", "plain", "plain_full_head"]
+            for system in order:
+                t0 = time.perf_counter()
+                if system.startswith("plain"):
+                    rows = plain_train(cfg, args.method, run_dir, student, "full" if system == "plain_full_head" else "supervised")
+                    tps = steady_tps(rows)
+                    losses[system] = [r["loss"] for r in rows]
+                else:
+                    prepare_train_storage(run_dir, args.method, f"bench-{rep}", fresh=True)
+                    m = train_method(cfg, args.method, run_dir, student, student_info(cfg, args.method))
+                    tps = m["processed_tokens_per_s"]
+                    log = (run_dir / "students" / args.method / "train_log.jsonl").read_text().splitlines()
+                    losses["ray_train"] = [json.loads(r)["loss"] for r in log]
+                results[system].append(tps)
+                print(f"[bench] repeat {rep + 1}/{args.repeats} {system}: {tps:.0f} processed tok/s "
+                      f"({time.perf_counter() - t0:.0f}s wall)", flush=True)
+    agree = all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for other in ("plain", "plain_full_head")
+                for a, b in zip(losses["ray_train"], losses[other]))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ratio = med["ray_train"] / med["plain"]
+    ratio_full = med["ray_train"] / med["plain_full_head"]
+    print(f"\n{cfg.student.name}, {args.method}, {args.steps} steps of batch {cfg.train.batch_size} "
+          f"(micro {cfg.train.micro_batch_size}), {cfg.train.precision}, {cfg.train.cpus_per_worker:g} CPU threads; "
+          f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"{'system':<10} {'median tok/s':>12}  runs")
+    for k, v in results.items():
+        print(f"{k:<10} {med[k]:>12.0f}  {', '.join(f'{x:.0f}' for x in v)}")
+    print(f"ratio ray_train / plain (same loss module) = {ratio:.3f} (bar: >= 0.95); "
+          f"ray_train / plain_full_head = {ratio_full:.3f}; loss curves agree: {agree}")
+    print(json.dumps({"benchmark": "train_throughput", "config": args.config, "overrides": args.overrides,
+                      "student": cfg.student.name, "method": args.method, "steps": args.steps,
+                      "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
+                      "precision": cfg.train.precision, "repeats": args.repeats, "tokens_per_s": results,
+                      "median": med, "ratio": ratio, "ratio_vs_full_head": ratio_full, "losses_agree": agree,
+                      "load_average": [load0, os.getloadavg()[0]]}))
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
