@@ -54,6 +54,10 @@ class LocalCluster:
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_USAGE_STATS_ENABLED": "0",
+                    # A raylet waits a short while for its dashboard agent (a Python process) to
+                    # report its ports, then aborts ("Check failed" in WaitForDashboardAgentPorts).
+                    # With other test suites loading this 2-core machine the agent took 16 s to start.
+                    "RAY_agent_register_timeout_ms": "120000",
                     **(env or {})}
         self.env.pop("RAY_ADDRESS", None)
         self.env.pop("RAY_AUTH_TOKEN", None)
