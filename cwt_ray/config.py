@@ -280,6 +280,8 @@ class DebugConfig(_Strict):
     kill_at_step: Optional[int] = Field(
         None, ge=1, description="SIGKILL training rank 0 just before this optimizer step, unless the attempt "
                                 "resumed from a checkpoint (so the retry can finish).")
+    sleep_per_step: float = Field(0.0, ge=0, description="Seconds each training step waits (gives a test time to "
+                                                         "kill a run mid-way).")
 
 
 class ExperimentConfig(_Strict):
@@ -329,9 +331,12 @@ class ExperimentConfig(_Strict):
 
     def fingerprint(self, *sections: str) -> str:
         """Hash of the config sections a stage depends on; a changed hash means the stage is redone."""
-        dump = self.model_dump(mode="json")
+        # Values left at their defaults are not hashed, so a knob added in a later version (with a
+        # default that keeps the old behaviour) does not make finished runs look stale.
+        dump = self.model_dump(mode="json", exclude_defaults=True)
         # A section ('train') or one key of it ('stt.gate'): inference knobs must not redo training.
-        picked = {s: dump[s.split(".")[0]][s.split(".")[1]] if "." in s else dump[s] for s in sections}
+        picked = {s: dump.get(s.split(".")[0], {}).get(s.split(".")[1]) if "." in s else dump.get(s, {})
+                  for s in sections}
         blob = json.dumps(picked, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -189,7 +189,8 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
             continue
         if method in ("cwt", "stt"):
             state.require("chunk", "cwt-ray chunk CONFIG")
-        prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force,
+        # A forced stage redoes a finished training, but an interrupted one (same config) resumes.
+        prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force and key in state.done,
                               storage_uri=train_storage_root(cfg, run_dir) if cfg.ray.storage_uri else None)
         if method == "stt":
             metrics = train_method(stt_train_config(cfg), method, run_dir, run_dir / "students" / "cwt",

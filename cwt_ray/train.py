@@ -437,6 +437,8 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.debug.kill_at_step == step + 1 and rank == 0 and not checkpoint:
             log.info(f"[train {method}] debug.kill_at_step: killing this worker before step {step + 1}")
             os.kill(os.getpid(), signal.SIGKILL)
+        if cfg.debug.sleep_per_step:
+            time.sleep(cfg.debug.sleep_per_step)
         t0 = time.perf_counter()
         epoch = step // steps_per_epoch
         if sbc_every and epoch != order_epoch and epoch > 0 and epoch % sbc_every == 0 and step % steps_per_epoch == 0:

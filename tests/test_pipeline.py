@@ -241,3 +241,40 @@ def test_fsdp_on_two_workers_trains_like_one_ddp_worker_and_saves_a_full_student
     saved = AutoModelForCausalLM.from_pretrained(fsdp.run_dir / "students" / "cwt").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_student).state_dict()
     assert saved.keys() == base.keys() and all(saved[k].shape == base[k].shape for k in base)
+
+
+def test_rerunning_a_killed_command_resumes_from_its_checkpoint(ray_cluster, smoke_cfg, tmp_path):
+    """SIGKILL the whole `cwt-ray train` process group (driver, embedded Ray, workers) after a
+    step checkpoint; the same command again resumes from it, and the loss curve is the
+    uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["methods=[std_cot]", "train.max_steps=null", "train.epochs=3", "train.checkpoint_every=2"]
+    clean = smoke_cfg("name=clean-rerun", *common)
+    run_stages(clean, stages=("data", "train"))
+    cmd = [sys.executable, "-m", "cwt_ray.cli", "train", "configs/smoke.yaml", f"storage_path={tmp_path}",
+           "name=rerun", *common]
+    run_stages(smoke_cfg("name=rerun", *common), stages=("data",))
+    storage = tmp_path / "rerun" / "ray" / "train-std_cot"
+    from conftest import ROOT
+    proc = subprocess.Popen([*cmd, "debug.sleep_per_step=1.0"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(
+                (c / "train_log.jsonl").is_file() and len((c / "train_log.jsonl").read_text().splitlines()) >= 4
+                for c in storage.glob("checkpoint_*") if c.is_dir()):
+            time.sleep(0.5)
+        time.sleep(3)   # let Ray Train register the checkpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "rerun" / "students" / "std_cot").exists()   # it really died mid-run
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from checkpoint at step" in again.stdout + again.stderr
+    assert _losses(tmp_path / "rerun", "std_cot") == pytest.approx(_losses(clean.run_dir, "std_cot"), rel=1e-5)

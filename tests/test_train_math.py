@@ -88,3 +88,29 @@ def test_per_rationale_steps_hold_one_chunk_per_rationale():
     assert all(len({samples[i].rationale_id for i in s}) == 8 for s in steps)
     steps = epoch_steps(samples, 8, seed=0, epoch=0, schedule="per_rationale", bucket_factor=4)
     assert sum(len({samples[i].rationale_id for i in s}) == 8 for s in steps) >= 48
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_student, tokenizer):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    samples, _ = build_samples(SampleBuilder(tokenizer, cfg), "cwt", RECORDS, CHUNKS, "shuffle")
+    model = load_model(tiny_student).train()
+    loss_a, grads_a = _grads(model, samples, "token", tokenizer.pad_token_id)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    loss_b, grads_b = _grads(model, samples, "token", tokenizer.pad_token_id)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_by_kind_labels_chunk_answer_and_skip_targets(tokenizer):
+    from cwt_ray.samples import KIND_ANSWER, KIND_CHUNK, KIND_SKIP
+    from cwt_ray.train import collate
+
+    b = SampleBuilder(tokenizer, load_config(ROOT / "configs" / "smoke.yaml"))
+    texts, stages = b.skip_chunks(CHUNKS["r1"], [2])
+    samples = b.cwt(RECORDS[0], texts, stages) + [b.single_pass(RECORDS[0], texts, stages)]
+    *_, kinds = collate(samples, tokenizer.pad_token_id, with_kinds=True)
+    per_sample = [set(k.tolist()) - {0} for k in kinds[:4]]
+    assert per_sample == [{KIND_CHUNK}, {KIND_SKIP}, {KIND_CHUNK}, {KIND_ANSWER}]
+    assert set(kinds[4].tolist()) == {0, KIND_CHUNK, KIND_SKIP, KIND_ANSWER}
