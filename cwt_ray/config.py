@@ -269,6 +269,10 @@ class RayConfig(_Strict):
     num_cpus: Optional[int] = Field(None, ge=1, description="Embedded cluster size (default: all cores).")
     include_dashboard: bool = Field(True, description="Embedded cluster only; bound to 127.0.0.1. Ray's state API, "
                                                        "which Ray Train polls, needs it.")
+    storage_uri: Optional[str] = Field(
+        None, description="Where Ray Train keeps checkpoints: a URI such as s3://bucket/prefix (any pyarrow "
+                          "filesystem) or a shared path; checkpoints go to <storage_uri>/<name>/train-<method>. "
+                          "None: <storage_path>/<name>/ray. The run directory itself stays on storage_path.")
 
 
 class DebugConfig(_Strict):
@@ -295,6 +299,16 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _filesystem_path(cls, v: str) -> str:
+        # The run directory is read and written with local file APIs on every node; a URI here
+        # would silently become a folder named "s3:" under the working directory.
+        if "://" in v:
+            raise ValueError("must be a filesystem path (on a cluster: one mounted at the same path on every "
+                             "node, e.g. NFS/EFS); put checkpoints on object storage with ray.storage_uri")
+        return v
 
     @field_validator("methods")
     @classmethod

@@ -176,7 +176,7 @@ def stt_train_config(cfg: ExperimentConfig) -> ExperimentConfig:
 def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str],
                  callbacks: list | None = None) -> None:
     from .student import resolve_student
-    from .train import train_method
+    from .train import train_method, train_storage_root
 
     from .config import METHODS
 
@@ -191,7 +191,8 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
         if method in ("cwt", "stt"):
             state.require("chunk", "cwt-ray chunk CONFIG")
         # A forced stage redoes a finished training, but an interrupted one (same config) resumes.
-        prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force and key in state.done)
+        prepare_train_storage(run_dir, method, state.fingerprint(key), fresh=force and key in state.done,
+                              storage_uri=train_storage_root(cfg, run_dir) if cfg.ray.storage_uri else None)
         if method == "stt":
             metrics = train_method(stt_train_config(cfg), method, run_dir, run_dir / "students" / "cwt",
                                    student_info(cfg, method), callbacks)
@@ -202,7 +203,8 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
         state.mark(key)
 
 
-def prepare_train_storage(run_dir: Path, method: str, fingerprint: str, fresh: bool) -> None:
+def prepare_train_storage(run_dir: Path, method: str, fingerprint: str, fresh: bool,
+                          storage_uri: str | None = None) -> None:
     """Ray Train resumes a run from the latest checkpoint under (storage_path, name). Keep that
     folder when an interrupted attempt with the same config left it; clear it when the config
     changed or a fresh start was asked for, so a stale checkpoint is never resumed."""
@@ -210,8 +212,19 @@ def prepare_train_storage(run_dir: Path, method: str, fingerprint: str, fresh: b
     stamp = run_dir / "ray" / f"train-{method}.fingerprint"
     if fresh or not stamp.is_file() or stamp.read_text() != fingerprint:
         shutil.rmtree(storage, ignore_errors=True)
+        if storage_uri:   # checkpoints on object storage (ray.storage_uri); the stamp stays in run_dir
+            remove_uri_tree(f"{storage_uri}/train-{method}")
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
+
+
+def remove_uri_tree(uri: str) -> None:
+    """Delete a folder given as a URI (s3://, gs://, file://) or path, if it exists."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def _stage_eval(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool, methods: list[str]) -> None:

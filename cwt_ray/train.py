@@ -320,6 +320,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    worker_nodes = gather_worker_nodes(world)
 
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
     samples, dropped = load_samples(cfg, method, run_dir, tokenizer)
@@ -420,12 +421,14 @@ def train_loop_per_worker(config: dict) -> None:
                     state["lora"] = get_peft_model_state_dict(raw_model)
             torch.save(state, os.path.join(d, "train_state.pt"))
             if final:
-                Path(d, TRAIN_METRICS).write_text(json.dumps(summary(log_rows, len(samples), dropped, world), indent=2))
+                final_metrics = {**summary(log_rows, len(samples), dropped, world), "worker_nodes": worker_nodes}
+                Path(d, TRAIN_METRICS).write_text(json.dumps(final_metrics, indent=2))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     if rank == 0:
         log.info(f"[train {method}] {len(samples)} samples ({dropped} dropped: longer than student.max_length), "
                  f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}")
+        log.info(f"[train {method}] worker nodes (rank order): {', '.join(n[:12] for n in worker_nodes)}")
     model.train()
     schedule = tcfg.cwt_schedule if method in ("cwt", "stt") else "shuffle"
     order, order_epoch = [], -1
@@ -507,6 +510,19 @@ def train_loop_per_worker(config: dict) -> None:
     save(total_steps, final=True)
 
 
+def gather_worker_nodes(world: int) -> list[str]:
+    """Ray node id of every rank, in rank order: the evidence that a multi-node run really
+    spread over nodes (train_metrics.json `worker_nodes`). One all-gather per attempt."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node_id]
+    nodes = [None] * world
+    torch.distributed.all_gather_object(nodes, node_id)
+    return nodes
+
+
 def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) -> dict:
     """Training throughput, the first step excluded (warm-up) when there is more than one."""
     steady = log_rows[1:] if len(log_rows) > 1 else log_rows
@@ -527,6 +543,14 @@ def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) ->
         "mfu": (sum(r["mfu"] for r in steady) / len(steady)) if steady and "mfu" in steady[0] else None,
         "final_loss_by_kind": _last_by_kind(log_rows),
     }
+
+
+def train_storage_root(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """Ray Train's storage_path: <ray.storage_uri>/<name> (object storage such as s3://, reached
+    from every node without a shared disk, and kept after the cluster is gone) or <run_dir>/ray."""
+    if cfg.ray.storage_uri:
+        return f"{cfg.ray.storage_uri.rstrip('/')}/{cfg.name}"
+    return str(run_dir / "ray")
 
 
 def _last_by_kind(log_rows: list[dict], window: int = 10) -> dict:
@@ -553,7 +577,7 @@ def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=f"train-{method}", storage_path=str(run_dir / "ray"),
+            name=f"train-{method}", storage_path=train_storage_root(cfg, run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=2),
             # Our workers log one line per step; Ray Train's own INFO lines (process group set-up,

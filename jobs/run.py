@@ -1,8 +1,12 @@
 """Entry script for `ray job submit`: the same pipeline as `cwt-ray run`, on the cluster it is
-submitted to (Ray sets RAY_ADDRESS for the job, so no embedded cluster is started).
+submitted to (Ray sets RAY_ADDRESS for the job's driver, so no embedded cluster is started).
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/run.py configs/smoke.yaml storage_path=/mnt/shared/runs
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        --runtime-env jobs/runtime_env.yaml -- python jobs/run.py configs/smoke.yaml \
+        storage_path=/mnt/cwt/runs ray.storage_uri=s3://YOUR-BUCKET/cwt-ray
+
+storage_path must be a folder every node mounts at the same path; docs/cluster.md explains why
+and what ray.storage_uri (checkpoints on object storage) adds.
 """
 import sys
 
