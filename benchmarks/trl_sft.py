@@ -13,8 +13,8 @@ TRL is not a dependency of cwt-ray. Install it for this benchmark only, without 
     .venv/bin/pip install -c constraints-cpu.txt trl==1.16.0
     PYTHONPATH=. .venv/bin/python benchmarks/trl_sft.py --student smollm2-135m --steps 8 --repeats 3
 
-Runs alternate on the same machine (per repeat: each TRL configuration, then ours with the default
-`shuffle` schedule, then ours with `single_pass`); the table shows medians over repeats and the
+Runs alternate on the same machine (per repeat: ours with the default `shuffle` schedule and with
+`single_pass`, then each TRL configuration; odd repeats put TRL first); the table shows medians over repeats and the
 ratios of medians. Throughput is steady state: the first step of every run is excluded. TRL's step
 time is from `on_step_begin` to `on_step_end` (its batch is fetched and collated before
 `on_step_begin`, so this favours TRL; the interval between `on_step_end`s is reported beside it).
@@ -37,6 +37,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -184,6 +185,9 @@ def run_ours(cfg, run_dir, student_path) -> dict:
     from cwt_ray.pipeline import student_info
     from cwt_ray.train import TRAIN_LOG, train_method
 
+    # A fresh Ray Train storage each run: with the previous run's checkpoint there, Ray Train would
+    # resume from it (and report that run's metrics) instead of training.
+    shutil.rmtree(run_dir / "ray" / "train-cwt", ignore_errors=True)
     m = train_method(cfg, "cwt", run_dir, student_path, student_info(cfg, "cwt"))
     log_rows = [json.loads(x) for x in (run_dir / "students" / "cwt" / TRAIN_LOG).read_text().splitlines()]
     steady = log_rows[1:]
@@ -248,19 +252,26 @@ def main() -> int:
             if not pf_check["ok"]:
                 print("TRL padding-free loss differs from the padded loss: not a correct configuration here", file=sys.stderr)
                 return 1
-        for r in range(a.repeats):
+        def trl_runs(r):
             for mode in trl_modes:
                 res = run_trl(mode, rows, student_path, tokenizer, tcfg, a.steps, int(tcfg.cpus_per_worker), tcfg.seed + r)
                 res.update(repeat=r, load=load())
                 results.append(res)
                 print(f"[repeat {r}] trl {mode}: {res['supervised_tokens_per_s']:.1f} sup tok/s, step {res['step_time_s']:.2f} s, "
                       f"load {res['load']}", flush=True)
+
+        def our_runs(r):
             for s in schedules:
                 res = run_ours(cfgs[s], run_dir, student_path)
                 res.update(repeat=r, load=load())
                 results.append(res)
                 print(f"[repeat {r}] cwt-ray {s}: {res['supervised_tokens_per_s']:.1f} sup tok/s, step {res['step_time_s']:.2f} s, "
                       f"load {res['load']}", flush=True)
+
+        for r in range(a.repeats):   # alternate which system goes first, against drift in the machine's load
+            first, second = (our_runs, trl_runs) if r % 2 == 0 else (trl_runs, our_runs)
+            first(r)
+            second(r)
     load_end = load()
 
     def med(system, schedule, key):
@@ -270,8 +281,8 @@ def main() -> int:
     keys = ("supervised_tokens_per_s", "processed_tokens_per_s", "real_token_ratio", "step_time_s", "supervised_tokens_per_step")
     table = {f"trl/{m}": {k: med("trl", m, k) for k in (*keys, "supervised_tokens_per_s_end_to_end")} for m in trl_modes}
     table.update({f"cwt-ray/{s}": {k: med("cwt-ray", s, k) for k in keys} for s in schedules})
-    best_trl = max(trl_modes, key=lambda m: table[f"trl/{m}"]["supervised_tokens_per_s"])
-    ref = table[f"trl/{best_trl}"]["supervised_tokens_per_s"]
+    best_trl = max(trl_modes, key=lambda m: table[f"trl/{m}"]["supervised_tokens_per_s"]) if trl_modes else None
+    ref = table[f"trl/{best_trl}"]["supervised_tokens_per_s"] if best_trl else float("nan")
     ratios = {f"cwt-ray/{s}": table[f"cwt-ray/{s}"]["supervised_tokens_per_s"] / ref for s in schedules}
     print(f"\n{a.student}, {len(samples)} CWT samples, batch {tcfg.batch_size}, {a.steps} steps/run, {a.repeats} repeats, "
           f"medians; load average {load_start} -> {load_end}")
@@ -282,7 +293,7 @@ def main() -> int:
         print(f"{system:<8} {schedule:<13} {v['supervised_tokens_per_s']:>9.1f} {v['processed_tokens_per_s']:>10.1f} "
               f"{v['real_token_ratio']:>10.3f} {v['step_time_s']:>7.2f} {v['supervised_tokens_per_step']:>12.1f} "
               f"{v['supervised_tokens_per_s'] / ref:>10.2f}")
-    bar = ratios.get("cwt-ray/shuffle")
+    bar = ratios.get("cwt-ray/shuffle") if best_trl else None
     if bar is not None:
         print(f"bar (issue 5): cwt-ray shuffle / TRL {best_trl} supervised tok/s = {bar:.2f}x (target >= 1.2x): "
               f"{'met' if bar >= 1.2 else 'not met'}")
