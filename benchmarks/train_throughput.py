@@ -67,7 +67,10 @@ def main() -> int:
                 results[system].append(tps)
                 print(f"[bench] repeat {rep + 1}/{args.repeats} {system}: {tps:.0f} processed tok/s "
                       f"({time.perf_counter() - t0:.0f}s wall)", flush=True)
-    agree = all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for other in ("plain", "plain_full_head")
+    # fp32 agrees to 1e-5 (tests/test_pipeline.py); under bf16 autocast the two heads multiply
+    # matrices of different shapes, so rounding differs: compare at bf16's precision.
+    tol = 1e-3 if cfg.train.precision == "fp32" else 2e-2
+    agree = all(abs(a - b) <= tol * max(1.0, abs(b)) for other in ("plain", "plain_full_head")
                 for a, b in zip(losses["ray_train"], losses[other]))
     med = {k: statistics.median(v) for k, v in results.items()}
     ratio = med["ray_train"] / med["plain"]
