@@ -339,6 +339,7 @@ def chunk_split(records_path: Path, out_dir: Path, cfg, tokenizer_path: str, stu
     import ray.data
 
     from .chunk_view import summarise, write_view
+    from .pipeline import actor_gpus
 
     ccfg = cfg.chunk
     embedding_path = None
@@ -348,9 +349,7 @@ def chunk_split(records_path: Path, out_dir: Path, cfg, tokenizer_path: str, stu
         student_path = None
     # Read before the actor pool starts, and write with zero-CPU tasks: the pool may hold every
     # CPU of a small cluster, and tasks queued behind it would wait forever.
-    gpus = ccfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and ccfg.heuristic != "average" else 0.0
+    gpus = actor_gpus(ccfg.gpus_per_actor, needs_model=ccfg.heuristic != "average")
     ds = ray.data.read_parquet(str(records_path)).materialize()
     rows_in = ds.count()
     # An actor works through a block's batches alone: one block per batch lets every actor help.

@@ -119,10 +119,10 @@ def metrics_of(table: pa.Table, latency: pa.Table | None, cfg: ExperimentConfig)
 def _generate_records(ds, cfg: ExperimentConfig, method: str, student_dir: Path, batch_size: int, concurrency: int) -> pa.Table:
     import ray.data
 
+    from .pipeline import actor_gpus
+
     ecfg = cfg.eval
-    gpus = ecfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = actor_gpus(ecfg.gpus_per_actor)
     records = ds.map_batches(
         Generator,
         fn_constructor_kwargs={"student_dir": str(student_dir), "method": method,

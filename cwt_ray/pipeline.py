@@ -91,6 +91,16 @@ def ray_session(cfg: ExperimentConfig):
         ray.shutdown()
 
 
+def actor_gpus(setting: float | None, needs_model: bool = True) -> float:
+    """GPUs per Ray Data actor: the configured share, or (None) one GPU when the cluster has GPUs
+    and the actor runs a model, else none."""
+    import ray
+
+    if setting is not None:
+        return setting
+    return 1.0 if needs_model and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def quiet_ray_data() -> None:
     """Our stages print one line per step of work; Ray Data's per-operator progress logs would
     bury them, so only its warnings come through."""

@@ -204,15 +204,14 @@ def skip_split(run_dir: Path, out_dir: Path, cfg, student_path: Path) -> dict:
     import ray.data
 
     from .chunk import read_chunks
+    from .pipeline import actor_gpus
 
     scfg = cfg.stt
     chunks = read_chunks(run_dir / "chunks" / "train").select(["id", "chunks"])
     records = pq.read_table(str(run_dir / "data" / "train.parquet"), columns=["id", "question", "answer"])
     qa = {r["id"]: r for r in records.to_pylist()}   # (Arrow joins cannot carry list columns)
     table = pa.Table.from_pylist([{**qa[c["id"]], "chunks": c["chunks"]} for c in chunks.to_pylist() if c["id"] in qa])
-    gpus = scfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = actor_gpus(scfg.gpus_per_actor)
     rows_in = table.num_rows
     ds = ray.data.from_arrow(table).repartition(max(1, math.ceil(rows_in / scfg.batch_size))).materialize()
     scored = ds.map_batches(
