@@ -13,6 +13,7 @@ Runs the given sweep from scratch (--overwrite) and reads each trial's timings f
 Prints a table and a final JSON line.
 """
 import argparse
+import os
 import json
 import sys
 import time
@@ -31,13 +32,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", nargs="?", default=str(ROOT / "configs" / "sweep_quickstart.yaml"))
     parser.add_argument("overrides", nargs="*", help="sweep overrides, e.g. num_samples=4 storage_path=/tmp/bench")
+    parser.add_argument("--report-only", action="store_true",
+                        help="do not run: read the finished trials of an existing (e.g. interrupted) sweep "
+                             "directory; trials/hour is then over the trials' own wall time")
     args = parser.parse_args()
     sweep = load_sweep(args.sweep, ["debug.stop_after_trials=null", *args.overrides])
     t0 = time.perf_counter()
-    if run_sweep(sweep, overwrite=True) is None:
+    if not args.report_only and run_sweep(sweep, overwrite=True) is None:
         sys.exit("interrupted")
     wall = time.perf_counter() - t0
     rows = [r for r in json.loads((sweep.dir / "trials.json").read_text()) if r["status"] == "done"]
+    if not rows:
+        sys.exit(f"no finished trial in {sweep.dir}")
+    if args.report_only:
+        wall = sum(r["metrics"]["trial_wall_s"] for r in rows)
 
     print(f"\n{'trial':>6} {'reused':>11} " + " ".join(f"{name:>9}" for name, _ in COLUMNS))
     for r in rows:
@@ -49,6 +57,7 @@ def main() -> None:
     cached = [r["metrics"]["prepare_s"] for r in rows if "chunk" in r["metrics"]["reused"]]
     result = {
         "sweep": sweep.config.name, "trials": len(rows), "sweep_wall_s": round(wall, 1),
+        "report_only": args.report_only, "load_average": [round(x, 1) for x in os.getloadavg()],
         "trials_per_hour": round(len(rows) / wall * 3600, 1),
         "mean_s": {name: round(mean[key], 1) for name, key in COLUMNS},
         "fixed_fraction": round(mean["fixed_s"] / mean["trial_wall_s"], 3),
@@ -57,9 +66,10 @@ def main() -> None:
         "prepare_s_fresh_chunking": round(sum(fresh) / len(fresh), 1) if fresh else None,
         "prepare_s_cached_chunking": round(sum(cached) / len(cached), 1) if cached else None,
     }
+    scope = ("over the finished trials' own wall time (sweep start-up, test evaluation and report not included)"
+             if args.report_only else "over the whole sweep (Ray start-up, test evaluation and report included)")
     print(f"\nfixed cost per trial {mean['fixed_s']:.1f}s of {mean['trial_wall_s']:.1f}s "
-          f"({result['fixed_fraction']:.0%}); {result['trials_per_hour']} trials/hour over the whole sweep "
-          f"(Ray start-up, test evaluation and report included)")
+          f"({result['fixed_fraction']:.0%}); {result['trials_per_hour']} trials/hour {scope}")
     print(json.dumps(result))
 
 
