@@ -19,7 +19,7 @@ def _write_jsonl(path, lines):
             f.write(b"\n")
 
 
-def test_jsonl_rows_in_equal_kept_plus_rejected(smoke_cfg, tmp_path):
+def test_jsonl_rows_in_equal_kept_plus_rejected(ray_cluster, smoke_cfg, tmp_path):
     good = {"id": "a", "question": "q1?", "rationale": "1 + 1 = 2", "answer": "2"}
     rows = [
         good,
@@ -55,7 +55,7 @@ def test_jsonl_rows_in_equal_kept_plus_rejected(smoke_cfg, tmp_path):
     assert [r["answer"] for r in kept] == ["2", "6"]
 
 
-def test_missing_data_file_is_a_user_error(smoke_cfg, tmp_path):
+def test_missing_data_file_is_a_user_error(ray_cluster, smoke_cfg, tmp_path):
     cfg = smoke_cfg("data.source=jsonl", f"data.train_path={tmp_path}/nope.jsonl", f"data.test_path={tmp_path}/t.jsonl")
     with pytest.raises(UserError, match="nope.jsonl"):
         write_splits(cfg, tmp_path / "data")
