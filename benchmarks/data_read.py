@@ -37,17 +37,19 @@ def generate(path: Path, n: int) -> None:
     tmp.rename(path)
 
 
-def tree_rss() -> int:
+def memory() -> dict:
+    """Driver RSS and USS (private memory: shared object-store pages mapped into the driver count in
+    RSS but not here), and the USS summed over the driver and every Ray process it started."""
     import psutil
 
     me = psutil.Process()
-    total = 0
+    out = {"driver_rss": me.memory_info().rss, "driver_uss": me.memory_full_info().uss, "tree_uss": 0}
     for p in [me, *me.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            out["tree_uss"] += p.memory_full_info().uss
         except psutil.Error:
             pass
-    return total
+    return out
 
 
 def main() -> None:
@@ -75,28 +77,28 @@ def main() -> None:
         f"student.max_length={args.max_length}", f"data.shard_mb={args.shard_mb}"])
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     quiet_ray_data()
-    peak = {"tree": 0}
+    peak = {"driver_rss": 0, "driver_uss": 0, "tree_uss": 0}
+    base = memory()
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak["tree"] = max(peak["tree"], tree_rss())
-            time.sleep(0.2)
+            for k, v in memory().items():
+                peak[k] = max(peak[k], v)
+            time.sleep(0.5)
 
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     summary = write_splits(cfg, out / "bench-data")
     wall = time.perf_counter() - t0
     stop.set()
-    import resource
-
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ray.shutdown()
     total = summary["all"]
     result = {"rows": total["rows_in"], "kept": total["kept"], "rejected": total["rejected"],
               "file_mb": round(data.stat().st_size / 2**20, 1), "wall_s": round(wall, 1),
-              "rows_per_s": round(total["rows_in"] / wall), "driver_peak_rss_mb": round(driver_peak / 2**20),
-              "tree_peak_rss_mb": round(peak["tree"] / 2**20), "id_hash_bytes": total["id_hash_bytes"],
+              "rows_per_s": round(total["rows_in"] / wall),
+              "driver_uss_before_mb": round(base["driver_uss"] / 2**20),
+              **{f"peak_{k}_mb": round(v / 2**20) for k, v in peak.items()}, "id_hash_bytes": total["id_hash_bytes"],
               "bytes_per_id": round(total["id_hash_bytes"] / max(1, total["unique_ids"]), 2),
               "max_length": args.max_length, "shard_mb": args.shard_mb, "cpus": psutil.cpu_count()}
     for k, v in result.items():
