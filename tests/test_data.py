@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cwt_ray.config import UserError
+from cwt_ray.config import UserError, load_config
 from cwt_ray.data import KeySet, hash_split, split_gsm_cot, write_splits
 
 
@@ -180,7 +180,6 @@ def test_gsm8k_and_fine_tune_cot_presets(ray_cluster, smoke_cfg, tmp_path):
     ])
     test = tmp_path / "test.jsonl"
     _write_jsonl(test, [{"id": "t", "question": "new?", "rationale": "-", "answer": "1"}])
-    cfg = smoke_cfg("data.source=files", f"data.train_path={gsm}", "data.preset=gsm8k", f"data.test_path={ftc}")
     with pytest.raises(UserError, match="no usable|test"):   # the test file is not in gsm8k layout
         write_splits(smoke_cfg("data.source=files", f"data.train_path={ftc}", "data.preset=gsm8k",
                                f"data.test_path={ftc}"), tmp_path / "x")
@@ -189,7 +188,6 @@ def test_gsm8k_and_fine_tune_cot_presets(ray_cluster, smoke_cfg, tmp_path):
     [rec] = _rows(tmp_path / "g" / "train.parquet")
     assert rec["rationale"] == "In May she sold 48/2 = 24 clips.\nIn all 48+24 = 72 clips." and rec["answer"] == "72"
     assert rec["id"].startswith("h-") and summary["train"]["rejected"] == 1
-    del cfg
     summary = write_splits(smoke_cfg("data.source=files", f"data.train_path={ftc}", "data.preset=fine_tune_cot",
                                      f"data.test_path={ftc}"), tmp_path / "f")
     [rec] = _rows(tmp_path / "f" / "train.parquet")
@@ -247,14 +245,16 @@ def test_reject_limit_stops_the_run_with_exit_code_2(ray_cluster, tmp_path, caps
 
     path = tmp_path / "bad.jsonl"
     _write_jsonl(path, [ROWS[0], "{", "{", {"id": "z", "question": "q?", "rationale": "", "answer": "1"}])
+    test = tmp_path / "test.jsonl"
+    _write_jsonl(test, [{"id": "t", "question": "new?", "rationale": "-", "answer": "1"}])
     args = [str(ROOT / "configs" / "smoke.yaml"), f"storage_path={tmp_path}", "data.source=files",
-            f"data.train_path={path}", f"data.test_path={path}"]
+            f"data.train_path={path}", f"data.test_path={test}"]
     code = main(["chunk", *args, "data.max_reject_fraction=0.5"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err
-    assert "3 of 4 rows rejected" in err and "max_reject_fraction=0.5" in err
+    assert "3 of 5 rows rejected (60.0%)" in err and "max_reject_fraction=0.5" in err
     assert (tmp_path / "smoke" / "data" / "rejects.parquet").is_file()   # written before stopping
     shutil.rmtree(tmp_path / "smoke")
-    summary = write_splits(__import__("cwt_ray.config", fromlist=["load_config"]).load_config(
-        ROOT / "configs" / "smoke.yaml", args[1:] + ["data.max_reject_fraction=0.8"]), tmp_path / "ok")
+    summary = write_splits(load_config(ROOT / "configs" / "smoke.yaml", args[1:] + ["data.max_reject_fraction=0.8"]),
+                           tmp_path / "ok")
     assert summary["train"]["kept"] == 1   # under the limit: the run goes on
