@@ -114,8 +114,9 @@ class Validator:
     driver (gsm_symbolic); everything but duplicate ids and train/eval question overlap, which need
     the global view the driver has."""
 
-    def __init__(self, cfg: dict, preset: str | None = None):
+    def __init__(self, cfg: dict, preset: str | None = None, questions_only: bool = False):
         d, self.task, self.student = cfg["data"], cfg["task"], cfg["student"]
+        self.questions_only = questions_only   # teach: rows need an id, a question and a gold answer
         self.preset, self.fields = PRESETS[preset or d["preset"]], d["fields"]
         self.fractions, self.agreement = d["split_fractions"], d["agreement_filter"]
         self.max_tokens = d["max_rationale_tokens"] or cfg["student"]["max_length"]
@@ -141,6 +142,8 @@ class Validator:
         if cand["id"] is None and isinstance(cand["question"], str):
             cand["id"] = derived_id(cand["question"], cand["rationale"])
         rec = {}
+        if self.questions_only and cand["rationale"] is None:
+            cand["rationale"] = "-"
         for key in ("id", "question", "rationale", "answer"):
             value = cand[key]
             if isinstance(value, bytes):
@@ -164,6 +167,9 @@ class Validator:
                        f"answer {rec['answer'][:100]!r} cannot be read by the '{self.task['answer_type']}' extractor")
         rec["answer"] = gold
         rec["split"] = split or hash_split(rec["id"], self.fractions)
+        if self.questions_only:
+            rec["truncated"] = False
+            return rec
         if rec["split"] == "train" and self.agreement:
             said = cand["cot_answer"]
             said = self.extractor.normalize_gold(said) if said is not None else \
@@ -202,16 +208,16 @@ class Validator:
         return pa.table(cols, schema=VALIDATED_SCHEMA)
 
 
-def _read_validate(batch: dict, cfg: dict) -> Iterator[pa.Table]:
+def _read_validate(batch: dict, cfg: dict, questions_only: bool) -> Iterator[pa.Table]:
     """Ray Data task: read one shard, yield validated tables as it goes (streaming)."""
-    validator = Validator(cfg)
+    validator = Validator(cfg, questions_only=questions_only)
     for shard_json in batch["shard"]:
         shard = json.loads(shard_json)
         for rows in read_shard(shard):
             yield validator.table(rows, shard["split"] or None, shard["path"], Path(shard["path"]).name)
 
 
-def _file_batches(cfg: ExperimentConfig, dumped: dict) -> Iterator[pa.Table]:
+def _file_batches(cfg: ExperimentConfig, dumped: dict, questions_only: bool = False) -> Iterator[pa.Table]:
     import ray.data
 
     d = cfg.data
@@ -226,7 +232,7 @@ def _file_batches(cfg: ExperimentConfig, dumped: dict) -> Iterator[pa.Table]:
     ctx.execution_options.preserve_order = True   # "first kept" means first in file order, every time
     try:
         ds = ray.data.from_items([{"shard": json.dumps(s)} for s in shards], override_num_blocks=len(shards))
-        ds = ds.map_batches(_read_validate, batch_size=1, fn_kwargs={"cfg": dumped})
+        ds = ds.map_batches(_read_validate, batch_size=1, fn_kwargs={"cfg": dumped, "questions_only": questions_only})
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             yield table
     finally:
@@ -246,6 +252,29 @@ def _gsm_symbolic_batches(cfg: ExperimentConfig, dumped: dict) -> Iterator[pa.Ta
                              "rationale": rationale, "answer": item["answer"], "cot_answer": cot_answer}))
         if rows:
             yield validator.table(rows, split, "gsm_symbolic", "gsm_symbolic")
+
+
+def write_train_questions(cfg: ExperimentConfig, path: Path) -> dict:
+    """`cwt-ray teach` input: id, question, gold answer of every usable train-split row (rationales
+    not needed), streamed into one Parquet file. Returns counts."""
+    dumped = cfg.model_dump(mode="json")
+    batches = _file_batches(cfg, dumped, questions_only=True) if cfg.data.source == "files" else \
+        _gsm_symbolic_batches(cfg, dumped)
+    ids, counts = KeySet(), Counter()
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("answer", pa.string())])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, schema) as writer:
+        for table in batches:
+            table = table.filter(pc.equal(table.column("split"), "train"))
+            counts["rows_in"] += table.num_rows
+            kept = table.filter(pc.equal(table.column("kind"), ""))
+            kept = kept.filter(pa.array(ids.add_new(kept.column("id_key").to_numpy())))
+            counts["questions"] += kept.num_rows
+            writer.write_table(kept.select(schema.names).cast(schema))
+    counts["rejected"] = counts["rows_in"] - counts["questions"]
+    if not counts["questions"]:
+        raise UserError("no usable train-split questions to teach (check data.* and the field mapping)")
+    return dict(counts)
 
 
 class _Sink:
