@@ -52,7 +52,7 @@ def expand_paths(spec: str | list[str] | None, fmt: str) -> list[tuple[str, str]
         if glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
-                raise UserError(f"data path {item!r} matches no file")
+                raise UserError(f"{item!r} matches no file")
         else:
             matches = [item]
         for m in matches:
@@ -63,15 +63,15 @@ def expand_paths(spec: str | list[str] | None, fmt: str) -> list[tuple[str, str]
                 files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
                                and (fmt != "auto" or f.suffix.lower() in SUFFIX_FORMAT))
                 if not files:
-                    raise UserError(f"data folder {m} holds no readable file (.jsonl .json .parquet .csv)")
+                    raise UserError(f"folder {m} holds no readable file (.jsonl .json .parquet .csv)")
                 out += [(str(f), fmt if fmt != "auto" else SUFFIX_FORMAT[f.suffix.lower()]) for f in files]
             elif p.is_file():
                 f = fmt if fmt != "auto" else SUFFIX_FORMAT.get(p.suffix.lower())
                 if f is None:
-                    raise UserError(f"data file {m}: unknown suffix {p.suffix!r}; set data.format")
+                    raise UserError(f"file {m}: unknown suffix {p.suffix!r}; set data.format")
                 out.append((str(p), f))
             else:
-                raise UserError(f"data file not found: {m}")
+                raise UserError(f"file not found: {m}")
     return out
 
 
