@@ -356,7 +356,7 @@ def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
         pending = tmp / f"{split}.pending.parquet"
         out = _Sink(tmp)
         if pending.is_file() and pq.ParquetFile(pending).metadata.num_rows:
-            for rb in pq.ParquetFile(pending).iter_batches(batch_size=4096):
+            for rb in pq.ParquetFile(pending).iter_batches(batch_size=4096, use_threads=False):
                 part = pa.Table.from_batches([rb])
                 seen = train_questions.contains(part.column("q_key").to_numpy())
                 out.write(split, _record_table(part.filter(pa.array(~seen))))
