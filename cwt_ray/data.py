@@ -18,7 +18,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -408,14 +408,6 @@ def _summary(cfg: ExperimentConfig, folder: Path, counts: dict, kinds: Counter, 
     total["id_hash_bytes"] = ids.nbytes
     summary["all"] = total
     return summary
-
-
-def write_table(rows: Iterable[dict], schema: pa.Schema, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)   # atomic: a crash never leaves a half-written file behind
 
 
 def read_records(path: Path) -> list[dict]:
