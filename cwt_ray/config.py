@@ -51,7 +51,6 @@ class PromptConfig(_Strict):
         return v
 
 
-DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "hf")
 RECORD_FIELDS = ("id", "question", "rationale", "answer")
 
 
@@ -308,6 +307,8 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last M checkpoints of a run (older ones are deleted).")
     gradient_checkpointing: bool = Field(False, description="Non-reentrant activation checkpointing: less memory, ~30% more compute.")
     compile: bool = Field(False, description="torch.compile the student's forward (GPU runs; slow to start on CPU).")
+    tensorboard: bool = Field(False, description="Also write each step's metrics as TensorBoard events to "
+                                                 "<run>/tensorboard/<method>/ (`tensorboard --logdir runs/<name>/tensorboard`).")
     fused_adamw: Optional[bool] = Field(None, description="Fused AdamW kernel; None = on when training on GPU.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="'ddp': a full replica per worker; 'fsdp': parameters, gradients and optimizer state "
@@ -419,6 +420,8 @@ class ExperimentConfig(_Strict):
         # Values left at their defaults are not hashed, so a knob added in a later version (with a
         # default that keeps the old behaviour) does not make finished runs look stale.
         dump = self.model_dump(mode="json", exclude_defaults=True)
+        for section, key in _OUTPUT_ONLY:   # what is written about a run, not what it computes
+            dump.get(section, {}).pop(key, None)
         # A section ('train') or one key of it ('stt.gate'): inference knobs must not redo training.
         picked = {s: dump.get(s.split(".")[0], {}).get(s.split(".")[1]) if "." in s else dump.get(s, {})
                   for s in sections}
@@ -427,6 +430,10 @@ class ExperimentConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# Knobs that change only what a stage writes about itself; switching them never redoes a stage.
+_OUTPUT_ONLY = (("train", "tensorboard"),)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -250,11 +250,14 @@ def _stage_eval(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bo
         state.mark(key)
 
 
-def preflight(cfg: ExperimentConfig, stages: tuple[str, ...]) -> None:
+def preflight(cfg: ExperimentConfig, stages: tuple[str, ...], force: tuple[str, ...] = ()) -> None:
     """Check the paths a user named before any cluster starts, so a typo costs one line, not a
-    Ray start-up and a traceback."""
+    Ray start-up and a traceback. What a finished stage needed is not asked for again: a run
+    directory chunked elsewhere trains on a machine without the embedding model."""
     from .chunk import resolve_embedding_model
 
+    if "chunk" in stages and "chunk" not in force and RunState(cfg.run_dir, cfg).is_done("chunk"):
+        stages = tuple(s for s in stages if s != "chunk")
     if "data" in stages and cfg.data.source == "files":
         from .readers import expand_paths
 
@@ -293,7 +296,7 @@ def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: t
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise UserError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-    preflight(cfg, stages)
+    preflight(cfg, stages, force)
     run_dir = prepare_run_dir(cfg, overwrite)
     state = RunState(run_dir, cfg)
     needs_ray = any(s in stages for s in ("chunk", "train", "eval")) or ("data" in stages and cfg.data.source == "files")

@@ -432,6 +432,10 @@ def train_loop_per_worker(config: dict) -> None:
     model.train()
     schedule = tcfg.cwt_schedule if method in ("cwt", "stt") else "shuffle"
     order, order_epoch = [], -1
+    board = None
+    if tcfg.tensorboard and rank == 0:   # tensorboardX ships with ray[tune]; TensorBoard reads its files
+        from tensorboardX import SummaryWriter
+        board = SummaryWriter(logdir=str(run_dir / "tensorboard" / method))
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):
         if cfg.debug.kill_at_step == step + 1 and rank == 0 and not checkpoint:
@@ -494,6 +498,8 @@ def train_loop_per_worker(config: dict) -> None:
         if flops_peak:
             row["mfu"] = 6 * n_params * row["processed_tokens"] / dt / (flops_peak * world)
         log_rows.append(row)
+        if board is not None:
+            write_board(board, row)
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"non-finite loss at step {step + 1} ({method})")
         done = step + 1
@@ -507,7 +513,22 @@ def train_loop_per_worker(config: dict) -> None:
             save(done, final=False)
     if log_rows:
         log_rows[-1]["peak_memory_gb"] = peak_memory_gb(device)   # rank 0's; in the final checkpoint's log
+    if board is not None:
+        board.close()
     save(total_steps, final=True)
+
+
+def write_board(board, row: dict) -> None:
+    """One optimizer step's metrics as TensorBoard scalars (the same numbers as train_log.jsonl)."""
+    step = row["step"]
+    for key in ("loss", "lr", "grad_norm", "mfu"):
+        if key in row:
+            board.add_scalar(f"train/{key}", row[key], step)
+    board.add_scalar("train/processed_tokens_per_s", row["processed_tokens"] / row["step_time_s"], step)
+    board.add_scalar("train/supervised_tokens_per_s", row["supervised_tokens"] / row["step_time_s"], step)
+    board.add_scalar("train/real_token_ratio", row["processed_tokens"] / max(1, row["computed_tokens"]), step)
+    for kind, value in row["loss_by_kind"].items():
+        board.add_scalar(f"loss_by_kind/{kind}", value, step)
 
 
 def gather_worker_nodes(world: int) -> list[str]:

@@ -165,3 +165,21 @@ def test_chunker_is_lossless_deterministic_and_rejects_bad_rows(tiny_student, he
         assert by_id["a"]["candidates_scored"] > 1
         assert by_id["long"]["note"].startswith("search skipped")   # longer than the student's context
     assert pa.Table.from_pylist(out, schema=CHUNK_SCHEMA).num_rows == len(ROWS)
+
+
+def test_preflight_skips_what_a_finished_chunk_stage_needed(tmp_path):
+    """A run directory chunked on one machine trains on another that lacks the embedding model
+    (seen on the GPU study); before chunking, a missing model is still a one-line error."""
+    from cwt_ray.pipeline import RunState, preflight
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"storage_path={tmp_path}", "chunk.heuristic=semantic",
+                                                        f"chunk.embedding_model={tmp_path / 'missing'}"])
+    with pytest.raises(UserError, match="chunk.embedding_model"):
+        preflight(cfg, ("data", "chunk", "train"))
+    cfg.run_dir.mkdir(parents=True)
+    state = RunState(cfg.run_dir, cfg)
+    state.mark("data")
+    state.mark("chunk")
+    preflight(cfg, ("data", "chunk", "train"))          # chunks are there: nothing to ask for
+    with pytest.raises(UserError, match="chunk.embedding_model"):
+        preflight(cfg, ("data", "chunk", "train"), force=("chunk",))

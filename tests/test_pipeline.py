@@ -16,10 +16,30 @@ def _losses(run_dir, method):
     return [json.loads(r)["loss"] for r in rows]
 
 
+def _read_events(folder) -> dict:
+    """Scalars of the TensorBoard event files in a folder: {tag: [(step, value)]} (TFRecord
+    framing: length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
 def test_end_to_end_then_rerun_skips_finished_stages(ray_cluster, smoke_cfg, capsys):
     from transformers import AutoModelForCausalLM
 
-    cfg = smoke_cfg()
+    cfg = smoke_cfg("train.tensorboard=true")
     report = run_stages(cfg)
     run_dir = cfg.run_dir
     text = report.read_text()
@@ -35,6 +55,10 @@ def test_end_to_end_then_rerun_skips_finished_stages(ray_cluster, smoke_cfg, cap
         model = AutoModelForCausalLM.from_pretrained(run_dir / "students" / method)
         assert model.config.num_hidden_layers == 2
         assert json.loads((run_dir / "students" / method / "cwt_student.json").read_text())["method"] == method
+        # TensorBoard events hold the same per-step losses as train_log.jsonl
+        board = _read_events(run_dir / "tensorboard" / method)
+        assert [v for _, v in board["train/loss"]] == pytest.approx(_losses(run_dir, method), rel=1e-6)
+        assert {"train/lr", "train/processed_tokens_per_s", "train/real_token_ratio"} <= set(board)
     # lossless chunks, every training rationale chunked
     rationales = {r["id"]: r["rationale"] for r in pq.read_table(run_dir / "data" / "train.parquet").to_pylist()}
     chunks = read_chunks(run_dir / "chunks" / "train").to_pylist()

@@ -1,0 +1,174 @@
+"""The results table of a study: one row per method variant, from finished run directories.
+
+    python benchmarks/study_table.py docs/results/gpu-h200-2026-11-26/gpu-* [--plot loss.png]
+
+Reads each run's config.yaml, students/<method>/train_metrics.json and evals/<method>/ (metrics
+and per-question records). Runs that differ only in train.seed are one variant: accuracy is the
+mean over seeds with the spread (sample std) across seeds, and a 95 % bootstrap interval over
+questions (questions resampled jointly for every seed: the test split is the same). Variants that
+were trained but not evaluated, or not trained, are listed with their status, not dropped.
+Prints a Markdown table and a final JSON line; nothing here is typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+ORDER = ("std_cot", "cwt", "stt")
+
+
+def variant(cfg: dict, method: str) -> str:
+    chunk = (cfg.get("chunk") or {}).get("heuristic", "average")
+    if method == "std_cot":
+        return "Std-CoT"
+    schedule = (cfg.get("train") or {}).get("cwt_schedule", "shuffle")
+    label = f"CWT {chunk}" + (" single-pass" if schedule == "single_pass" else "")
+    return label if method == "cwt" else f"STT on {label}"
+
+
+def collect(run_dirs: list[Path]) -> dict:
+    variants: dict[str, dict] = {}
+    for run in run_dirs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        for method in cfg["methods"]:
+            key = variant(cfg, method)
+            v = variants.setdefault(key, {"order": (ORDER.index(method), key), "seeds": [], "runs": []})
+            seed = (cfg.get("train") or {}).get("seed", 0)
+            entry = {"run": run.name, "seed": seed, "status": "not trained"}
+            tm = run / "students" / method / "train_metrics.json"
+            if tm.is_file():
+                entry["train"] = json.loads(tm.read_text())
+                entry["status"] = "trained, not evaluated"
+            em = run / "evals" / method / "metrics.json"
+            if em.is_file():
+                entry["eval"] = json.loads(em.read_text())
+                rec = pq.read_table(run / "evals" / method / "records", columns=["id", "correct"]).to_pylist()
+                entry["correct"] = {r["id"]: bool(r["correct"]) for r in rec}
+                entry["status"] = "evaluated"
+            v["runs"].append(entry)
+    return variants
+
+
+def bootstrap_ci(per_seed: list[dict], n_boot: int, rng) -> tuple[float, float]:
+    ids = sorted(set.intersection(*(set(c) for c in per_seed)))
+    mat = np.array([[c[i] for i in ids] for c in per_seed], dtype=float)   # seeds x questions
+    idx = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+    means = mat[:, idx].mean(axis=2).mean(axis=0)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def summarise(variants: dict, n_boot: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, v in sorted(variants.items(), key=lambda kv: kv[1]["order"]):
+        done = [r for r in v["runs"] if r["status"] == "evaluated"]
+        trained = [r for r in v["runs"] if "train" in r]
+        row = {"variant": key, "runs": [r["run"] for r in v["runs"]], "seeds_evaluated": len(done),
+               "status": "evaluated" if done else (v["runs"][0]["status"])}
+        if done:
+            accs = [r["eval"]["accuracy"] for r in done]
+            row["accuracy"] = statistics.mean(accs)
+            row["accuracy_seed_std"] = statistics.stdev(accs) if len(accs) > 1 else None
+            row["accuracy_ci95"] = bootstrap_ci([r["correct"] for r in done], n_boot, rng)
+            row["n_questions"] = done[0]["eval"]["n"]
+            for k in ("complete", "tokens_generated", "skipped_per_answer", "batched_questions_per_s"):
+                row[k] = statistics.mean(r["eval"][k] for r in done)
+        if trained:
+            for k in ("train_time_s", "processed_tokens", "supervised_tokens", "processed_per_supervised_token",
+                      "real_token_ratio", "steps", "final_loss"):
+                row[k] = statistics.mean(r["train"][k] for r in trained)
+        row["_correct"] = [r["correct"] for r in done]
+        rows.append(row)
+    # Paired difference to Std-CoT on the same questions: the interval that says whether a gap is real.
+    base = next((r for r in rows if r["variant"] == "Std-CoT" and r["_correct"]), None)
+    for r in rows:
+        if base is not None and r is not base and r["_correct"]:
+            ids = sorted(set.intersection(*(set(c) for c in r["_correct"] + base["_correct"])))
+            a = np.array([[c[i] for i in ids] for c in r["_correct"]], dtype=float).mean(axis=0)
+            b = np.array([[c[i] for i in ids] for c in base["_correct"]], dtype=float).mean(axis=0)
+            idx = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+            diffs = (a[idx] - b[idx]).mean(axis=1)
+            r["accuracy_minus_std_cot"] = float((a - b).mean())
+            r["accuracy_minus_std_cot_ci95"] = [float(x) for x in np.percentile(diffs, [2.5, 97.5])]
+    for r in rows:
+        del r["_correct"]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def f(row, k, fmt, scale=1.0):
+        return format(row[k] * scale, fmt) if row.get(k) is not None else "-"
+
+    out = ["| variant | seeds | accuracy % [95% CI] | vs Std-CoT, points [95% CI] | complete % | tokens/answer | train s | processed M tok | "
+           "supervised M tok | processed/supervised | real-token ratio | status |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = "-"
+        if "accuracy" in r:
+            lo, hi = r["accuracy_ci95"]
+            spread = f" ± {100 * r['accuracy_seed_std']:.1f}" if r.get("accuracy_seed_std") is not None else ""
+            acc = f"{100 * r['accuracy']:.1f}{spread} [{100 * lo:.1f}, {100 * hi:.1f}]"
+        diff = "-"
+        if "accuracy_minus_std_cot" in r:
+            lo, hi = r["accuracy_minus_std_cot_ci95"]
+            diff = f"{100 * r['accuracy_minus_std_cot']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        out.append(f"| {r['variant']} | {r['seeds_evaluated']} | {acc} | {diff} | {f(r, 'complete', '.1f', 100)} | "
+                   f"{f(r, 'tokens_generated', '.1f')} | {f(r, 'train_time_s', '.0f')} | {f(r, 'processed_tokens', '.2f', 1e-6)} | "
+                   f"{f(r, 'supervised_tokens', '.2f', 1e-6)} | {f(r, 'processed_per_supervised_token', '.2f')} | "
+                   f"{f(r, 'real_token_ratio', '.3f')} | {r['status']} |")
+    return "\n".join(out)
+
+
+def plot(variants: dict, run_dirs: list[Path], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in run_dirs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        for method in cfg["methods"]:
+            log = run / "students" / method / "train_log.jsonl"
+            if not log.is_file():
+                continue
+            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], label=f"{variant(cfg, method)} ({run.name})", lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (token-normalised)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", type=Path)
+    args = p.parse_args()
+    runs = [r for r in args.runs if (r / "config.yaml").is_file()]
+    if not runs:
+        print("no run directories (with a config.yaml) given", file=sys.stderr)
+        return 2
+    variants = collect(runs)
+    rows = summarise(variants, args.bootstrap, args.seed)
+    print(markdown(rows))
+    if args.plot:
+        plot(variants, runs, args.plot)
+        print(f"\nloss curves: {args.plot}")
+    print(json.dumps({"benchmark": "study_table", "runs": [str(r) for r in runs], "rows": rows}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
