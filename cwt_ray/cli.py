@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-confidence", type=float, default=None,
                    help="STT: skip a stage only when P(skip) >= this (default: the student's greedy choice)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
+    help_text = ("generate rationales for the train split's questions with a local teacher model (teach.*), "
+                 "N per question, on a Ray Data actor pool; writes runs/<name>/teach/rationales.parquet")
+    p = sub.add_parser("teach", help=help_text, description=help_text)
+    p.add_argument("config", help="experiment YAML with data.* (the questions) and teach.teacher")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teach.num_samples=4 teach.temperature=0.7")
     help_text = ("hyperparameter search (Optuna through Ray Tune): each trial runs the pipeline on the validation "
                  "split; writes runs/<sweep>/report.md, report.html and best_config.yaml (docs/sweeps.md)")
     p = sub.add_parser("sweep", help=help_text, description=help_text)
@@ -85,6 +90,18 @@ def _generate(args) -> int:
     return 0
 
 
+def _teach(args) -> int:
+    from .pipeline import preflight, ray_session
+    from .teach import teach
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg, ("data",))
+    with ray_session(cfg):
+        out = teach(cfg)
+    print(f"cwt-ray teach: done. Output: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -92,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "teach":
+            return _teach(args)
         cfg = load_config(args.config, args.overrides)
         from .pipeline import run_stages
 

@@ -51,8 +51,13 @@ class PromptConfig(_Strict):
         return v
 
 
+RECORD_FIELDS = ("id", "question", "rationale", "answer")
+
+
 class DataConfig(_Strict):
-    source: Literal["gsm_symbolic", "jsonl"] = "gsm_symbolic"
+    source: Literal["gsm_symbolic", "files"] = Field(
+        "gsm_symbolic", description="'gsm_symbolic': generated problems (seeded splits); 'files': your own files "
+                                    "(docs/data.md). 'jsonl' is read as 'files' (the older name).")
     train_size: int = Field(96, ge=1, description="gsm_symbolic: questions generated per split.")
     validation_size: int = Field(16, ge=0)
     test_size: int = Field(24, ge=1)
@@ -61,22 +66,100 @@ class DataConfig(_Strict):
     train_seed: int = 1001
     validation_seed: int = 2002
     test_seed: int = 3003
-    train_path: Optional[str] = Field(None, description="jsonl: file with training rows.")
-    validation_path: Optional[str] = None
-    test_path: Optional[str] = None
+    paths: list[str] = Field(
+        default_factory=list, description="files: files, globs or folders holding every row; each row's split "
+                                          "comes from a hash of its id (split_fractions). Or use *_path below.")
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
+        description="files with `paths`: share of ids hashed into train/validation/test (sums to 1).")
+    train_path: Optional[str | list[str]] = Field(
+        None, description="files: explicit training split (a file, glob, folder, or a list of them).")
+    validation_path: Optional[str | list[str]] = None
+    test_path: Optional[str | list[str]] = None
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = Field(
+        "auto", description="File format; 'auto' goes by the suffix (.jsonl/.ndjson, .json, .parquet, .csv) and "
+                            "reads a folder with dataset_info.json as a `datasets` save_to_disk folder ('hf').")
+    preset: Literal["fields", "gsm8k", "fine_tune_cot"] = Field(
+        "fields", description="Row layout. 'fields': the `fields` mapping; 'gsm8k': question + answer text "
+                              "'rationale ... #### 72'; 'fine_tune_cot': Fine-tune-CoT completion rows "
+                              "{prompt: 'Q\\n\\n###\\n\\n', completion: ' rationale --> answer END'}.")
     fields: dict[str, str] = Field(
-        default_factory=lambda: {"id": "id", "question": "question", "rationale": "rationale", "answer": "answer"},
-        description="jsonl: which field of a row holds id/question/rationale/answer.")
+        default_factory=lambda: {k: k for k in RECORD_FIELDS},
+        description="preset 'fields': which field of a row holds id/question/rationale/answer (dots reach into "
+                    "nested objects, e.g. 'meta.uid'). A row without an id gets one from its question and rationale.")
+    agreement_filter: bool = Field(
+        True, description="Train split: keep a rationale only when the answer it ends with matches the gold answer "
+                          "(Fine-tune-CoT's filter). Evaluation splits are never filtered by the teacher.")
+    max_rationale_tokens: Optional[int] = Field(
+        None, ge=1, description="Longest rationale in student tokens; None = student.max_length.")
+    too_long: Literal["reject", "truncate"] = Field(
+        "reject", description="A rationale over max_rationale_tokens: 'reject' the row or 'truncate' it (counted).")
+    max_reject_fraction: Optional[float] = Field(
+        None, ge=0, le=1, description="Stop the run (exit 2, one line) when more than this share of all rows is "
+                                      "rejected; the rejects file is written first. None = never.")
+    shard_mb: int = Field(16, ge=1, description="JSONL files are read in byte ranges of this size, one Ray task each.")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _old_name(cls, v):
+        return "files" if v == "jsonl" else v
 
     @model_validator(mode="after")
-    def _paths_for_jsonl(self) -> "DataConfig":
-        if self.source == "jsonl":
-            for key in ("train_path", "test_path"):
-                if not getattr(self, key):
-                    raise ValueError(f"data.{key} is required when data.source is 'jsonl'")
-        unknown = set(self.fields) - {"id", "question", "rationale", "answer"}
+    def _paths_for_files(self) -> "DataConfig":
+        unknown = set(self.fields) - set(RECORD_FIELDS)
         if unknown:
-            raise ValueError(f"data.fields has unknown key(s) {sorted(unknown)}; allowed: id, question, rationale, answer")
+            raise ValueError(f"data.fields has unknown key(s) {sorted(unknown)}; allowed: {', '.join(RECORD_FIELDS)}")
+        bad = set(self.split_fractions) - {"train", "validation", "test"}
+        if bad or any(v < 0 for v in self.split_fractions.values()) or abs(sum(self.split_fractions.values()) - 1) > 1e-6:
+            raise ValueError("data.split_fractions: train/validation/test shares >= 0 that sum to 1")
+        if self.source == "files":
+            explicit = self.train_path or self.validation_path or self.test_path
+            if self.paths and explicit:
+                raise ValueError("data.paths (hashed splits) and data.train_path/validation_path/test_path "
+                                 "(explicit splits) do not combine: use one or the other")
+            if not self.paths and not (self.train_path and self.test_path):
+                raise ValueError("data.source 'files' needs data.paths, or data.train_path and data.test_path")
+        return self
+
+
+class TeachConfig(_Strict):
+    """`cwt-ray teach`: rationales for the train split's questions from a local teacher model."""
+    teacher: Optional[str] = Field(None, description="Local Hugging Face causal LM folder (or a built-in student "
+                                                      "name, e.g. 'tiny-llama' in tests). Required by `cwt-ray teach`.")
+    num_samples: int = Field(1, ge=1, description="Rationales generated per question (diverse reasoning when > 1).")
+    prompt: Literal["zero_shot", "few_shot"] = Field(
+        "zero_shot", description="'zero_shot': zero_shot_template; 'few_shot': few_shot_examples rendered with "
+                                 "example_template, then few_shot_template.")
+    zero_shot_template: str = Field("Q: {question}\nA: Let's think step by step.",
+                                    description="Must contain {question}.")
+    few_shot_template: str = Field("{examples}Q: {question}\nA:", description="Must contain {examples} and {question}.")
+    example_template: str = Field("Q: {question}\nA: {rationale} The answer is {answer}.\n\n",
+                                  description="One worked example; may use {question}, {rationale}, {answer}.")
+    few_shot_examples: list[dict[str, str]] = Field(
+        default_factory=list, description="few_shot: worked examples, each {question, rationale, answer}.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy (then num_samples must be 1).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = Field(0, description="Sampling seed (per batch: seed + batch's first question hash).")
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="'auto': vLLM when it is installed, else HF generate.")
+    batch_size: int = Field(16, ge=1, description="Questions per generation batch.")
+    concurrency: int = Field(1, ge=1, description="Ray Data teacher actors.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: Optional[float] = Field(None, ge=0, description="None: one GPU per actor when the cluster has GPUs.")
+
+    @model_validator(mode="after")
+    def _templates(self) -> "TeachConfig":
+        if "{question}" not in self.zero_shot_template:
+            raise ValueError("teach.zero_shot_template must contain {question}")
+        if "{question}" not in self.few_shot_template or "{examples}" not in self.few_shot_template:
+            raise ValueError("teach.few_shot_template must contain {examples} and {question}")
+        if self.prompt == "few_shot" and not self.few_shot_examples:
+            raise ValueError("teach.prompt 'few_shot' needs teach.few_shot_examples")
+        for ex in self.few_shot_examples:
+            if set(ex) != {"question", "rationale", "answer"}:
+                raise ValueError("teach.few_shot_examples: each example has exactly question, rationale, answer")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise ValueError("teach.num_samples > 1 needs teach.temperature > 0 (greedy samples are identical)")
         return self
 
 
@@ -293,6 +376,7 @@ class ExperimentConfig(_Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    teach: TeachConfig = Field(default_factory=TeachConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     chunk: ChunkConfig = Field(default_factory=ChunkConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)

@@ -1,21 +1,33 @@
-"""Data in: canonical records, the gsm_symbolic source, a JSONL loader, splits and rejects.
+"""Data in: canonical records from gsm_symbolic or users' files, validated, split, nothing lost.
 
 A canonical record is {id, question, rationale, answer, source}. `rationale` is the reasoning
 without the final answer; the task's answer template renders the answer after it. Every input
-row ends either in a split or in the rejects table with a reason, so rows in = kept + rejected.
+row ends either in a split or in the rejects file with its file, line and reason, so
+rows in = kept + rejected, per split and in all.
+
+Users' files stream through Ray Data: each shard (readers.py) is read and validated by a task,
+and the driver consumes the validated batches in order, keeping only 8-byte hashes of the ids
+(duplicates: first kept) and of the train questions (evaluation rows whose question is also in
+train are rejected), and writing Parquet as it goes. Memory does not grow with the file size
+apart from those hashes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field
+import shutil
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import ExperimentConfig, UserError
 from .extract import get_extractor
+from .readers import PRESETS, Bad, get_field, derived_id, expand_paths, plan_shards, read_shard
 
 SPLITS = ("train", "validation", "test")
 RECORD_SCHEMA = pa.schema([
@@ -24,15 +36,14 @@ RECORD_SCHEMA = pa.schema([
 ])
 REJECT_SCHEMA = pa.schema([
     ("split", pa.string()), ("file", pa.string()), ("line", pa.int64()),
-    ("id", pa.string()), ("reason", pa.string()), ("raw", pa.string()),
+    ("id", pa.string()), ("kind", pa.string()), ("reason", pa.string()), ("raw", pa.string()),
 ])
-
-
-@dataclass
-class SplitResult:
-    records: list[dict] = field(default_factory=list)
-    rejects: list[dict] = field(default_factory=list)
-    rows_in: int = 0
+# What a validation task sends to the driver: kept rows have kind "", rejects carry the reason.
+VALIDATED_SCHEMA = pa.schema(list(RECORD_SCHEMA) + [
+    ("split", pa.string()), ("file", pa.string()), ("line", pa.int64()), ("kind", pa.string()),
+    ("reason", pa.string()), ("raw", pa.string()), ("id_key", pa.uint64()), ("q_key", pa.uint64()),
+    ("truncated", pa.bool_()),
+])
 
 
 def split_gsm_cot(answer_cot: str) -> tuple[str, str | None]:
@@ -43,138 +54,376 @@ def split_gsm_cot(answer_cot: str) -> tuple[str, str | None]:
     return head.rstrip(), tail.strip()
 
 
-def _validated(raw: dict, split: str, file: str, line: int, extractor, seen: set[str], out: SplitResult,
-               source: str) -> None:
-    """Check one canonical candidate row; append to records or rejects."""
-    def reject(reason: str) -> None:
-        out.rejects.append({"split": split, "file": file, "line": line, "id": str(raw.get("id", "")),
-                            "reason": reason, "raw": json.dumps(raw, ensure_ascii=False, default=str)[:2000]})
-
-    for key in ("id", "question", "rationale", "answer"):
-        value = raw.get(key)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return reject(f"missing or empty field '{key}'")
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            return reject(f"field '{key}' has type {type(value).__name__}, expected text")
-    record = {k: str(raw[k]).strip() if k != "rationale" else str(raw[k]).rstrip() for k in ("id", "question", "rationale", "answer")}
-    record["source"] = source
-    gold = extractor.normalize_gold(record["answer"])
-    if gold is None:
-        return reject(f"answer {record['answer']!r} cannot be read by the '{type(extractor).__name__}' extractor")
-    record["answer"] = gold
-    if record["id"] in seen:
-        return reject(f"duplicate id '{record['id']}' (first kept)")
-    seen.add(record["id"])
-    out.records.append(record)
+def _key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _gsm_symbolic(cfg: ExperimentConfig, split: str, extractor) -> SplitResult:
+def hash_split(record_id: str, fractions: dict[str, float]) -> str:
+    """train/validation/test from a hash of the id alone: the same row lands in the same split
+    however the files are ordered or sharded."""
+    u = int.from_bytes(hashlib.blake2b(record_id.encode("utf-8"), digest_size=8, person=b"cwt-split").digest(),
+                       "little") / 2 ** 64
+    edge = 0.0
+    for split in SPLITS:
+        edge += fractions.get(split, 0.0)
+        if u < edge:
+            return split
+    return "test"
+
+
+class KeySet:
+    """A set of uint64 hashes in sorted numpy runs (merged like a binary counter): 8 bytes per key
+    held, batch membership by binary search. A 64-bit hash collision (about 3e-8 for a million
+    ids) would reject one row as a duplicate."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        hit = np.zeros(len(keys), dtype=bool)
+        for run in self.runs:
+            idx = np.minimum(np.searchsorted(run, keys), len(run) - 1)
+            hit |= run[idx] == keys
+        return hit
+
+    def add(self, keys: np.ndarray) -> None:
+        if len(keys):
+            self.runs.append(np.unique(keys))
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last = self.runs.pop()
+            self.runs[-1] = np.unique(np.concatenate([self.runs[-1], last]))
+
+    def add_new(self, keys: np.ndarray) -> np.ndarray:
+        """Mask of the keys seen for the first time (earlier in this batch counts as seen); adds them."""
+        first = np.zeros(len(keys), dtype=bool)
+        first[np.unique(keys, return_index=True)[1]] = True
+        new = first & ~self.contains(keys)
+        self.add(keys[new])
+        return new
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.runs)
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+
+class Validator:
+    """Candidate rows -> one VALIDATED_SCHEMA table per batch. Runs in Ray tasks (files) or in the
+    driver (gsm_symbolic); everything but duplicate ids and train/eval question overlap, which need
+    the global view the driver has."""
+
+    def __init__(self, cfg: dict, preset: str | None = None, questions_only: bool = False):
+        d, self.task, self.student = cfg["data"], cfg["task"], cfg["student"]
+        self.questions_only = questions_only   # teach: rows need an id, a question and a gold answer
+        self.preset, self.fields = PRESETS[preset or d["preset"]], d["fields"]
+        self.fractions, self.agreement = d["split_fractions"], d["agreement_filter"]
+        self.max_tokens = d["max_rationale_tokens"] or cfg["student"]["max_length"]
+        self.truncate = d["too_long"] == "truncate"
+        self.extractor = get_extractor(self.task["answer_type"], self.task["answer_template"])
+        self._tokenizer = None
+
+    def _encode(self, texts: list[str]) -> list:
+        """Student-token encodings of texts in one call to the Rust tokenizer (offsets only when
+        truncating: they halve its speed)."""
+        if self._tokenizer is None:   # loaded only when a rationale could be too long
+            from .config import StudentConfig
+            from .student import load_tokenizer, resolve_student
+
+            self._tokenizer = load_tokenizer(resolve_student(StudentConfig(**self.student))).backend_tokenizer
+        if self.truncate or not hasattr(self._tokenizer, "encode_batch_fast"):
+            return self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        return self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+
+    def _limit_length(self, recs: list[dict]) -> list[dict | Bad]:
+        out = []
+        for rec, enc in zip(recs, self._encode([r["rationale"] for r in recs])):
+            n = len(enc.ids)
+            if n <= self.max_tokens:
+                out.append(rec)
+            elif not self.truncate:
+                out.append(Bad("too_long", f"rationale has {n} tokens, more than {self.max_tokens}"))
+            else:
+                end = enc.offsets[self.max_tokens - 1][1]
+                out.append({**rec, "rationale": rec["rationale"][:end].rstrip(), "truncated": True})
+        return out
+
+    def check(self, row: dict | Bad, split: str | None) -> dict | Bad:
+        """One row; split None = hashed from the id. Returns the record or a Bad."""
+        if isinstance(row, Bad):
+            return row
+        cand = self.preset(row, self.fields)
+        if isinstance(cand, Bad):
+            return cand
+        if cand["id"] is None and isinstance(cand["question"], str):
+            cand["id"] = derived_id(cand["question"], cand["rationale"])
+        rec = {}
+        if self.questions_only and cand["rationale"] is None:
+            cand["rationale"] = "-"
+        for key in ("id", "question", "rationale", "answer"):
+            value = cand[key]
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return Bad("not_utf8", f"field '{key}' is not valid UTF-8")
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return Bad("missing_field", f"missing or empty field '{key}'")
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                return Bad("wrong_type", f"field '{key}' has type {type(value).__name__}, expected text")
+            value = str(value)
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return Bad("not_utf8", f"field '{key}' is not valid UTF-8")
+            rec[key] = value.rstrip() if key == "rationale" else value.strip()
+        gold = self.extractor.normalize_gold(rec["answer"])
+        if gold is None:
+            return Bad("unreadable_answer",
+                       f"answer {rec['answer'][:100]!r} cannot be read by the '{self.task['answer_type']}' extractor")
+        rec["answer"] = gold
+        rec["split"] = split or hash_split(rec["id"], self.fractions)
+        if self.questions_only:
+            rec["truncated"] = False
+            return rec
+        if rec["split"] == "train" and self.agreement:
+            said = cand["cot_answer"]
+            said = self.extractor.normalize_gold(said) if said is not None else \
+                self.extractor.extract(rec["rationale"]).answer
+            if said != gold:
+                return Bad("teacher_disagrees", f"rationale ends in {said!r}, gold answer is {gold!r}")
+        rec["truncated"] = False
+        return rec
+
+    def could_be_too_long(self, rec: dict) -> bool:
+        # A token covers at least one byte: only a rationale with more bytes than the limit needs counting.
+        return not self.questions_only and len(rec["rationale"].encode("utf-8")) > self.max_tokens
+
+    def table(self, rows: list, split: str | None, file: str, source: str) -> pa.Table:
+        cols = {name: [] for name in VALIDATED_SCHEMA.names}
+        outs = [self.check(row, split) for _, row in rows]
+        long = [i for i, out in enumerate(outs) if not isinstance(out, Bad) and self.could_be_too_long(out)]
+        if long:
+            for i, out in zip(long, self._limit_length([outs[i] for i in long])):
+                outs[i] = out
+        for (line, row), out in zip(rows, outs):
+            if isinstance(out, Bad):
+                raw_id = get_field(row, self.fields.get("id", "id")) if isinstance(row, dict) else None
+                out_split = split or (hash_split(str(raw_id), self.fractions) if isinstance(raw_id, (str, int)) else "")
+                values = {"id": "" if raw_id is None else str(raw_id)[:200], "split": out_split, "kind": out.kind,
+                          "reason": out.reason, "truncated": False, "id_key": 0, "q_key": 0,
+                          "raw": out.raw or (json.dumps(row, ensure_ascii=False, default=str)[:2000]
+                                             if isinstance(row, dict) else "")}
+                values.update(question=None, rationale=None, answer=None, source=None)
+            else:
+                values = {**out, "source": source, "kind": "", "reason": "", "raw": "",
+                          "id_key": _key(out["id"]), "q_key": _key(out["question"])}
+            values.update(file=file, line=line)
+            for name in cols:
+                cols[name].append(values[name])
+        return pa.table(cols, schema=VALIDATED_SCHEMA)
+
+
+def _read_validate(batch: dict, cfg: dict, questions_only: bool) -> Iterator[pa.Table]:
+    """Ray Data task: read one shard, yield validated tables as it goes (streaming)."""
+    validator = Validator(cfg, questions_only=questions_only)
+    for shard_json in batch["shard"]:
+        shard = json.loads(shard_json)
+        for rows in read_shard(shard):
+            yield validator.table(rows, shard["split"] or None, shard["path"], Path(shard["path"]).name)
+
+
+def _file_batches(cfg: ExperimentConfig, dumped: dict, questions_only: bool = False) -> Iterator[pa.Table]:
+    import ray.data
+
+    d = cfg.data
+    shard_bytes = d.shard_mb << 20
+    if d.paths:
+        shards = plan_shards(expand_paths(d.paths, d.format), "", shard_bytes)
+    else:
+        shards = [s for split in SPLITS
+                  for s in plan_shards(expand_paths(getattr(d, f"{split}_path"), d.format), split, shard_bytes)]
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True   # "first kept" means first in file order, every time
+    try:
+        ds = ray.data.from_items([{"shard": json.dumps(s)} for s in shards], override_num_blocks=len(shards))
+        ds = ds.map_batches(_read_validate, batch_size=1, fn_kwargs={"cfg": dumped, "questions_only": questions_only})
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            yield table
+    finally:
+        ctx.execution_options.preserve_order = before
+
+
+def _gsm_symbolic_batches(cfg: ExperimentConfig, dumped: dict) -> Iterator[pa.Table]:
     import reasoning_gym
 
-    size = {"train": cfg.data.train_size, "validation": cfg.data.validation_size, "test": cfg.data.test_size}[split]
-    seed = {"train": cfg.data.train_seed, "validation": cfg.data.validation_seed, "test": cfg.data.test_seed}[split]
-    out = SplitResult()
-    if size == 0:
-        return out
-    seen: set[str] = set()
-    for i, item in enumerate(reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)):
-        out.rows_in += 1
-        rationale, cot_answer = split_gsm_cot(item["metadata"]["answer_cot"])
-        raw = {"id": f"gsm_symbolic-{split}-{seed}-{i}", "question": item["question"],
-               "rationale": rationale, "answer": item["answer"]}
-        # Teacher agreement: the rationale must end in the gold answer (Fine-tune-CoT's filter).
-        gold = extractor.normalize_gold(str(item["answer"]))
-        if cot_answer is None or extractor.normalize_gold(cot_answer) != gold:
-            out.rejects.append({"split": split, "file": "gsm_symbolic", "line": i, "id": raw["id"],
-                                "reason": f"rationale ends in {cot_answer!r}, gold answer is {item['answer']!r}",
-                                "raw": json.dumps(raw)[:2000]})
-            continue
-        _validated(raw, split, "gsm_symbolic", i, extractor, seen, out, "gsm_symbolic")
-    return out
+    validator = Validator(dumped, preset="canonical")
+    for split in SPLITS:
+        size, seed = getattr(cfg.data, f"{split}_size"), getattr(cfg.data, f"{split}_seed")
+        rows = []
+        for i, item in enumerate(reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed) if size else []):
+            rationale, cot_answer = split_gsm_cot(item["metadata"]["answer_cot"])
+            rows.append((i, {"id": f"gsm_symbolic-{split}-{seed}-{i}", "question": item["question"],
+                             "rationale": rationale, "answer": item["answer"], "cot_answer": cot_answer}))
+        if rows:
+            yield validator.table(rows, split, "gsm_symbolic", "gsm_symbolic")
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[int, dict | None, str]]:
-    """Yield (line number, parsed row or None, error) for each non-blank line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data file not found: {path}")
-    with p.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield n, None, "line is not valid UTF-8"
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg}"
-                continue
-            if not isinstance(row, dict):
-                yield n, None, f"expected a JSON object, got {type(row).__name__}"
-                continue
-            yield n, row, ""
-
-
-def _jsonl(cfg: ExperimentConfig, split: str, extractor) -> SplitResult:
-    path = {"train": cfg.data.train_path, "validation": cfg.data.validation_path, "test": cfg.data.test_path}[split]
-    out = SplitResult()
-    if not path:
-        return out
-    fields = cfg.data.fields
-    seen: set[str] = set()
-    for line, row, error in _read_jsonl(path):
-        out.rows_in += 1
-        if row is None:
-            out.rejects.append({"split": split, "file": path, "line": line, "id": "", "reason": error, "raw": ""})
-            continue
-        raw = {key: row.get(fields.get(key, key)) for key in ("id", "question", "rationale", "answer")}
-        if raw["id"] is None:
-            raw["id"] = f"{Path(path).stem}-{line}"
-        _validated(raw, split, path, line, extractor, seen, out, Path(path).name)
-    return out
-
-
-def load_splits(cfg: ExperimentConfig) -> tuple[dict[str, SplitResult], dict]:
-    """Build train/validation/test records and rejects; returns (splits, summary counts)."""
-    extractor = get_extractor(cfg.task.answer_type, cfg.task.answer_template)
-    loader = {"gsm_symbolic": _gsm_symbolic, "jsonl": _jsonl}[cfg.data.source]
-    splits = {split: loader(cfg, split, extractor) for split in SPLITS}
-    # Evaluation questions that also occur in training would measure memorisation, not reasoning.
-    train_questions = {r["question"] for r in splits["train"].records}
-    for split in ("validation", "test"):
-        kept = []
-        for r in splits[split].records:
-            if r["question"] in train_questions:
-                splits[split].rejects.append({"split": split, "file": cfg.data.source, "line": -1, "id": r["id"],
-                                              "reason": "question also in the train split", "raw": r["question"][:2000]})
-            else:
-                kept.append(r)
-        splits[split].records = kept
-    summary = {s: {"rows_in": r.rows_in, "kept": len(r.records), "rejected": len(r.rejects)} for s, r in splits.items()}
-    for s, counts in summary.items():
-        assert counts["rows_in"] == counts["kept"] + counts["rejected"], (s, counts)
-    if not splits["train"].records:
-        raise UserError(f"no usable training rows from data source '{cfg.data.source}' (see the rejects file)")
-    return splits, summary
-
-
-def write_table(rows: Iterable[dict], schema: pa.Schema, path: Path) -> None:
+def write_train_questions(cfg: ExperimentConfig, path: Path) -> dict:
+    """`cwt-ray teach` input: id, question, gold answer of every usable train-split row (rationales
+    not needed), streamed into one Parquet file. Returns counts."""
+    dumped = cfg.model_dump(mode="json")
+    batches = _file_batches(cfg, dumped, questions_only=True) if cfg.data.source == "files" else \
+        _gsm_symbolic_batches(cfg, dumped)
+    ids, counts = KeySet(), Counter()
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("answer", pa.string())])
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)   # atomic: a crash never leaves a half-written split behind
+    with pq.ParquetWriter(path, schema) as writer:
+        for table in batches:
+            table = table.filter(pc.equal(table.column("split"), "train"))
+            counts["rows_in"] += table.num_rows
+            kept = table.filter(pc.equal(table.column("kind"), ""))
+            kept = kept.filter(pa.array(ids.add_new(kept.column("id_key").to_numpy())))
+            counts["questions"] += kept.num_rows
+            writer.write_table(kept.select(schema.names).cast(schema))
+    counts["rejected"] = counts["rows_in"] - counts["questions"]
+    if not counts["questions"]:
+        raise UserError("no usable train-split questions to teach (check data.* and the field mapping)")
+    return dict(counts)
+
+
+class _Sink:
+    """Streams kept rows and rejects into Parquet files under a temporary folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.writers: dict[str, pq.ParquetWriter] = {}
+
+    def write(self, name: str, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if name not in self.writers:
+            self.writers[name] = pq.ParquetWriter(self.folder / f"{name}.parquet", table.schema)
+        self.writers[name].write_table(table)
+
+    def close(self, name: str, schema: pa.Schema) -> None:
+        if name in self.writers:
+            self.writers.pop(name).close()
+        elif not (self.folder / f"{name}.parquet").exists():   # an empty split still gets its file
+            pq.write_table(schema.empty_table(), self.folder / f"{name}.parquet")
+
+
+def _record_table(t: pa.Table) -> pa.Table:
+    return t.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+
+
+def _reject_table(t: pa.Table) -> pa.Table:
+    return t.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
 
 
 def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
-    splits, summary = load_splits(cfg)
-    for split, result in splits.items():
-        write_table(result.records, RECORD_SCHEMA, data_dir / f"{split}.parquet")
-    write_table([r for res in splits.values() for r in res.rejects], REJECT_SCHEMA, data_dir / "rejects.parquet")
-    (data_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    """Read, validate and split the configured data into data_dir (train/validation/test.parquet,
+    rejects.parquet, summary.json). Returns the summary."""
+    dumped = cfg.model_dump(mode="json")
+    batches = _file_batches(cfg, dumped) if cfg.data.source == "files" else _gsm_symbolic_batches(cfg, dumped)
+    tmp = data_dir.with_name(data_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sink = _Sink(tmp)
+    ids, train_questions = KeySet(), KeySet()
+    counts = {s: Counter() for s in (*SPLITS, "")}
+    kinds: Counter = Counter()
+    for table in batches:
+        for split, n in Counter(table.column("split").to_pylist()).items():
+            counts[split]["rows_in"] += n
+        ok = pc.equal(table.column("kind"), "")
+        kept = table.filter(ok)
+        rejected = table.filter(pc.invert(ok))
+        if kept.num_rows:
+            new = ids.add_new(kept.column("id_key").to_numpy())
+            if not new.all():
+                dup = kept.filter(pa.array(~new))
+                reasons = [f"duplicate id '{i}' (first kept)" for i in dup.column("id").to_pylist()]
+                dup = dup.set_column(dup.schema.get_field_index("kind"), "kind", pa.array(["duplicate_id"] * dup.num_rows))
+                dup = dup.set_column(dup.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+                rejected = pa.concat_tables([rejected, dup])
+                kept = kept.filter(pa.array(new))
+        for split in SPLITS:
+            part = kept.filter(pc.equal(kept.column("split"), split))
+            if not part.num_rows:
+                continue
+            counts[split]["truncated"] += pc.sum(part.column("truncated")).as_py() or 0
+            if split == "train":
+                train_questions.add(part.column("q_key").to_numpy())
+                sink.write("train", _record_table(part))
+            else:   # checked against every train question once the stream is done
+                sink.write(f"{split}.pending", part.select(RECORD_SCHEMA.names + ["q_key"]))
+        if rejected.num_rows:
+            for split, n in Counter(rejected.column("split").to_pylist()).items():
+                counts[split]["rejected"] += n
+            kinds.update(rejected.column("kind").to_pylist())
+            sink.write("rejects", _reject_table(rejected))
+    sink.close("train", RECORD_SCHEMA)
+    for split in ("validation", "test"):
+        sink.close(f"{split}.pending", RECORD_SCHEMA)
+    # Evaluation questions that also occur in training would measure memorisation, not reasoning.
+    for split in ("validation", "test"):
+        pending = tmp / f"{split}.pending.parquet"
+        out = _Sink(tmp)
+        if pending.is_file() and pq.ParquetFile(pending).metadata.num_rows:
+            for rb in pq.ParquetFile(pending).iter_batches(batch_size=4096, use_threads=False):
+                part = pa.Table.from_batches([rb])
+                seen = train_questions.contains(part.column("q_key").to_numpy())
+                out.write(split, _record_table(part.filter(pa.array(~seen))))
+                if seen.any():
+                    dup = part.filter(pa.array(seen))
+                    n = dup.num_rows
+                    sink.write("rejects", pa.table({
+                        "split": [split] * n, "file": dup.column("source"), "line": pa.nulls(n, pa.int64()),
+                        "id": dup.column("id"), "kind": ["in_train_split"] * n,
+                        "reason": ["question also in the train split"] * n,
+                        "raw": pc.utf8_slice_codeunits(dup.column("question"), 0, 2000)}, schema=REJECT_SCHEMA))
+                    counts[split]["rejected"] += n
+                    kinds["in_train_split"] += n
+        pending.unlink()
+        out.close(split, RECORD_SCHEMA)
+    sink.close("rejects", REJECT_SCHEMA)
+    summary = _summary(cfg, tmp, counts, kinds, ids)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(data_dir, ignore_errors=True)
+    tmp.rename(data_dir)   # a crash mid-way never leaves half a split under its final name
+    total = summary["all"]
+    limit = cfg.data.max_reject_fraction
+    if limit is not None and total["rows_in"] and total["rejected"] / total["rows_in"] > limit:
+        raise UserError(f"{total['rejected']} of {total['rows_in']} rows rejected "
+                        f"({total['rejected'] / total['rows_in']:.1%}), more than data.max_reject_fraction={limit}; "
+                        f"reasons in {data_dir / 'rejects.parquet'}")
+    if not summary["train"]["kept"]:
+        raise UserError(f"no usable training rows from data source '{cfg.data.source}' "
+                        f"(reasons in {data_dir / 'rejects.parquet'})")
+    return summary
+
+
+def _summary(cfg: ExperimentConfig, folder: Path, counts: dict, kinds: Counter, ids: KeySet) -> dict:
+    summary = {}
+    for split in (*SPLITS, ""):
+        c = counts[split]
+        if split == "" and not c["rows_in"]:
+            continue
+        kept = pq.ParquetFile(folder / f"{split}.parquet").metadata.num_rows if split else 0
+        summary[split or "unsplit"] = {"rows_in": c["rows_in"], "kept": kept, "rejected": c["rejected"],
+                                       "truncated": c["truncated"]}
+    for name, c in summary.items():
+        assert c["rows_in"] == c["kept"] + c["rejected"], (name, c)   # nothing lost, ever
+    total = {k: sum(c[k] for c in summary.values()) for k in ("rows_in", "kept", "rejected", "truncated")}
+    total["rejected_by_kind"] = dict(sorted(kinds.items()))
+    if cfg.data.agreement_filter:
+        total["agreement_rejected"] = kinds.get("teacher_disagrees", 0)
+    total["unique_ids"] = len(ids)
+    total["id_hash_bytes"] = ids.nbytes
+    summary["all"] = total
     return summary
 
 

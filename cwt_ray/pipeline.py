@@ -24,7 +24,7 @@ STAGES = ("data", "chunk", "train", "eval", "report")
 
 # Config sections each stage's output depends on.
 _DEPS = {
-    "data": ("task", "data"),
+    "data": ("task", "data", "student.name", "student.max_length"),
     "chunk": ("task", "data", "student", "chunk"),
     "train/std_cot": ("task", "prompt", "data", "student", "train"),
     "train/cwt": ("task", "prompt", "data", "student", "chunk", "stages", "train"),
@@ -258,11 +258,14 @@ def preflight(cfg: ExperimentConfig, stages: tuple[str, ...], force: tuple[str, 
 
     if "chunk" in stages and "chunk" not in force and RunState(cfg.run_dir, cfg).is_done("chunk"):
         stages = tuple(s for s in stages if s != "chunk")
-    if "data" in stages and cfg.data.source == "jsonl":
-        for key in ("train_path", "validation_path", "test_path"):
-            path = getattr(cfg.data, key)
-            if path and not Path(path).expanduser().is_file():
-                raise UserError(f"data.{key}: file not found: {path}")
+    if "data" in stages and cfg.data.source == "files":
+        from .readers import expand_paths
+
+        for key in ("paths", "train_path", "validation_path", "test_path"):
+            try:
+                expand_paths(getattr(cfg.data, key), cfg.data.format)
+            except UserError as e:
+                raise UserError(f"data.{key}: {e}") from None
     if "chunk" in stages and "cwt" in cfg.methods:
         ccfg = cfg.chunk
         if ccfg.heuristic == "semantic" or (ccfg.heuristic == "sbc" and ccfg.sbc_init == "semantic"):
@@ -296,7 +299,7 @@ def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: t
     preflight(cfg, stages, force)
     run_dir = prepare_run_dir(cfg, overwrite)
     state = RunState(run_dir, cfg)
-    needs_ray = any(s in stages for s in ("chunk", "train", "eval"))
+    needs_ray = any(s in stages for s in ("chunk", "train", "eval")) or ("data" in stages and cfg.data.source == "files")
     t0 = time.perf_counter()
     with ray_session(cfg) if needs_ray else contextlib.nullcontext():
         if "data" in stages:

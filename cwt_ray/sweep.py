@@ -218,8 +218,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base = validate_config(base_tree, source=f"{path} (base {config.base} + overrides)")
     if base.data.source == "gsm_symbolic" and base.data.validation_size < 1:
         raise UserError(f"{path}: trials are scored on the validation split; set data.validation_size >= 1")
-    if base.data.source == "jsonl" and not base.data.validation_path:
-        raise UserError(f"{path}: trials are scored on the validation split; set data.validation_path")
+    if base.data.source == "files" and not (base.data.validation_path or
+                                             (base.data.paths and base.data.split_fractions.get("validation"))):
+        raise UserError(f"{path}: trials are scored on the validation split; set data.validation_path "
+                        f"(or a validation share in data.split_fractions with data.paths)")
     # Every key must be a real config key, and every value the distribution can produce a valid one:
     # build the config with each choice / each end of each range (the other keys at base values).
     for key, param in config.search_space.items():

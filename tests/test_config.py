@@ -74,3 +74,25 @@ def test_cli_help_for_every_command():
         proc = subprocess.run([sys.executable, "-m", "cwt_ray.cli", *cmd, "--help"], capture_output=True, text=True,
                               cwd=ROOT, timeout=120)
         assert proc.returncode == 0 and "usage: cwt-ray" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.source=files"], "needs data.paths, or data.train_path and data.test_path"),
+    (["data.source=files", "data.paths=[a.jsonl]", "data.train_path=b.jsonl"], "do not combine"),
+    (["data.source=files", "data.paths=[a.jsonl]", "data.split_fractions={train: 0.5, test: 0.2}"], "sum to 1"),
+    (["data.fields={id: id, label: y}"], "data.fields has unknown key"),
+    (["data.too_long=cut"], "'data.too_long'"),
+    (["data.max_reject_fraction=1.5"], "'data.max_reject_fraction'"),
+    (["teach.prompt=few_shot"], "needs teach.few_shot_examples"),
+    (["teach.temperature=0", "teach.num_samples=3"], "needs teach.temperature > 0"),
+    (["teach.zero_shot_template=no slot"], "must contain {question}"),
+])
+def test_bad_data_and_teach_settings_name_the_key(overrides, needle):
+    with pytest.raises(UserError) as err:
+        load_config(QUICKSTART, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_old_jsonl_source_name_still_reads_files():
+    cfg = load_config(QUICKSTART, ["data.source=jsonl", "data.train_path=a.jsonl", "data.test_path=b.jsonl"])
+    assert cfg.data.source == "files" and cfg.data.train_path == "a.jsonl"

@@ -1,15 +1,38 @@
+"""Data in: every reader on a small real file, presets, malformed rows -> rejects with reasons,
+rows in = kept + rejected, splits, the reject limit. File sources run through Ray Data (the
+shared session cluster); each test takes a second or two."""
 import json
+import shutil
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cwt_ray.config import UserError
-from cwt_ray.data import split_gsm_cot, write_splits
+from cwt_ray.config import UserError, load_config
+from cwt_ray.data import KeySet, hash_split, split_gsm_cot, write_splits
 
 
 def test_split_gsm_cot():
     assert split_gsm_cot("a\nb = 3\n#### 3") == ("a\nb = 3", "3")
     assert split_gsm_cot("no answer line") == ("no answer line", None)
+
+
+def test_key_set_keeps_first_occurrences_across_batches():
+    ks = KeySet()
+    first = ks.add_new(np.array([5, 3, 5, 9], dtype=np.uint64))
+    assert first.tolist() == [True, True, False, True]
+    for start in range(0, 1000, 100):   # many batches: runs merge, membership stays exact
+        ks.add_new(np.arange(start + 10, start + 110, dtype=np.uint64))
+    assert ks.add_new(np.array([3, 50, 2000], dtype=np.uint64)).tolist() == [False, False, True]
+    assert len(ks) == 3 + 1000 + 1 and ks.nbytes == 8 * len(ks) and len(ks.runs) < 6
+
+
+def test_hash_split_follows_the_fractions():
+    fractions = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    got = [hash_split(f"id-{i}", fractions) for i in range(5000)]
+    assert 0.77 < got.count("train") / 5000 < 0.83 and got.count("validation") > 400
+    assert hash_split("id-7", fractions) == got[7]
 
 
 def _write_jsonl(path, lines):
@@ -19,20 +42,25 @@ def _write_jsonl(path, lines):
             f.write(b"\n")
 
 
-def test_jsonl_rows_in_equal_kept_plus_rejected(smoke_cfg, tmp_path):
+def _rows(table_path):
+    return pq.read_table(table_path).to_pylist()
+
+
+def test_jsonl_rows_in_equal_kept_plus_rejected(ray_cluster, smoke_cfg, tmp_path):
     good = {"id": "a", "question": "q1?", "rationale": "1 + 1 = 2", "answer": "2"}
     rows = [
         good,
         "{not json",
         {"id": "b", "question": "", "rationale": "r", "answer": "1"},          # empty field
         b'{"id": "c", "question": "q\xff", "rationale": "r", "answer": "1"}',  # not UTF-8
-        {"id": "a", "question": "q2?", "rationale": "r", "answer": "3"},       # duplicate id
+        {"id": "a", "question": "q2?", "rationale": "1 + 2 = 3", "answer": "3"},  # duplicate id
         {"id": "d", "question": "q3?", "rationale": "r", "answer": "many"},    # unreadable answer
         {"id": "e", "question": "q4?", "rationale": ["r"], "answer": "4"},     # wrong type
-        [1, 2],                                                                 # not an object
+        json.dumps([1, 2]),                                                     # not an object
         {"id": "f", "question": "q5?", "rationale": "2 * 3 = 6", "answer": "$6"},
+        {"id": "g", "question": "q6?", "rationale": "2 * 3 = 7", "answer": "6"},  # teacher disagrees
+        {"id": "h", "question": "q7?", "rationale": "", "answer": "6"},        # empty rationale
     ]
-    rows[7] = json.dumps(rows[7])
     train = tmp_path / "train.jsonl"
     _write_jsonl(train, rows)
     test = tmp_path / "test.jsonl"
@@ -40,23 +68,30 @@ def test_jsonl_rows_in_equal_kept_plus_rejected(smoke_cfg, tmp_path):
                         {"id": "t2", "question": "new?", "rationale": "x", "answer": "5"}])
     cfg = smoke_cfg("data.source=jsonl", f"data.train_path={train}", f"data.test_path={test}")
     summary = write_splits(cfg, tmp_path / "data")
-    assert summary["train"] == {"rows_in": 9, "kept": 2, "rejected": 7}
-    assert summary["test"] == {"rows_in": 2, "kept": 1, "rejected": 1}   # t1 repeats a train question
-    rejects = pq.read_table(tmp_path / "data" / "rejects.parquet").to_pylist()
-    by_line = {(r["split"], r["line"]): r["reason"] for r in rejects}
-    assert "invalid JSON" in by_line[("train", 2)]
-    assert "missing or empty field 'question'" in by_line[("train", 3)]
-    assert "UTF-8" in by_line[("train", 4)]
-    assert "duplicate id 'a'" in by_line[("train", 5)]
-    assert "cannot be read" in by_line[("train", 6)]
-    assert "type list" in by_line[("train", 7)]
-    assert "JSON object" in by_line[("train", 8)]
-    kept = pq.read_table(tmp_path / "data" / "train.parquet").to_pylist()
-    assert [r["answer"] for r in kept] == ["2", "6"]
+    assert summary["train"] == {"rows_in": 11, "kept": 2, "rejected": 9, "truncated": 0}
+    # t1 repeats a train question; the teacher's "x" is not judged outside the train split
+    assert summary["test"] == {"rows_in": 2, "kept": 1, "rejected": 1, "truncated": 0}
+    assert summary["all"]["rows_in"] == summary["all"]["kept"] + summary["all"]["rejected"] == 13
+    assert summary["all"]["agreement_rejected"] == 1
+    rejects = _rows(tmp_path / "data" / "rejects.parquet")
+    by_line = {(r["split"], r["line"]): (r["kind"], r["reason"]) for r in rejects}
+    assert by_line[("train", 2)][0] == "invalid_json"
+    assert by_line[("train", 3)] == ("missing_field", "missing or empty field 'question'")
+    assert by_line[("train", 4)][0] == "not_utf8" and "UTF-8" in by_line[("train", 4)][1]
+    assert by_line[("train", 5)] == ("duplicate_id", "duplicate id 'a' (first kept)")
+    assert by_line[("train", 6)][0] == "unreadable_answer"
+    assert "type list" in by_line[("train", 7)][1]
+    assert by_line[("train", 8)][0] == "not_an_object"
+    assert by_line[("train", 10)][0] == "teacher_disagrees"
+    assert by_line[("train", 11)][1] == "missing or empty field 'rationale'"
+    assert all(r["file"] == str(train) for r in rejects if r["split"] == "train")
+    assert [r for r in rejects if r["split"] == "test"][0]["kind"] == "in_train_split"
+    kept = _rows(tmp_path / "data" / "train.parquet")
+    assert [r["answer"] for r in kept] == ["2", "6"] and kept[0]["source"] == "train.jsonl"
 
 
 def test_missing_data_file_is_a_user_error(smoke_cfg, tmp_path):
-    cfg = smoke_cfg("data.source=jsonl", f"data.train_path={tmp_path}/nope.jsonl", f"data.test_path={tmp_path}/t.jsonl")
+    cfg = smoke_cfg("data.source=files", f"data.train_path={tmp_path}/nope.jsonl", f"data.test_path={tmp_path}/t.jsonl")
     with pytest.raises(UserError, match="nope.jsonl"):
         write_splits(cfg, tmp_path / "data")
 
@@ -65,10 +100,161 @@ def test_gsm_symbolic_splits_are_disjoint_and_seeded(smoke_cfg, tmp_path):
     cfg = smoke_cfg()
     summary = write_splits(cfg, tmp_path / "a")
     write_splits(cfg, tmp_path / "b")
-    a = pq.read_table(tmp_path / "a" / "train.parquet").to_pylist()
-    assert a == pq.read_table(tmp_path / "b" / "train.parquet").to_pylist()
-    test = pq.read_table(tmp_path / "a" / "test.parquet").to_pylist()
+    a = _rows(tmp_path / "a" / "train.parquet")
+    assert a == _rows(tmp_path / "b" / "train.parquet")
+    test = _rows(tmp_path / "a" / "test.parquet")
     assert not {r["question"] for r in a} & {r["question"] for r in test}
     assert all("####" not in r["rationale"] for r in a)
     for counts in summary.values():
         assert counts["rows_in"] == counts["kept"] + counts["rejected"]
+
+
+ROWS = [{"id": f"r{i}", "question": f"What is {i} + {i}?", "rationale": f"{i} + {i} = {2 * i}.", "answer": str(2 * i)}
+        for i in range(1, 7)]
+
+
+def _write_all_formats(folder):
+    """The same six rows as JSONL, a JSON array, Parquet, CSV and a `datasets` save_to_disk folder."""
+    from datasets import Dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(folder / "rows.jsonl", ROWS)
+    (folder / "rows.json").write_text(json.dumps(ROWS))
+    pq.write_table(pa.Table.from_pylist(ROWS), folder / "rows.parquet")
+    lines = ["id,question,rationale,answer"] + [f'{r["id"]},"{r["question"]}","{r["rationale"]}",{r["answer"]}' for r in ROWS]
+    (folder / "rows.csv").write_text("\n".join(lines) + "\n")
+    Dataset.from_list(ROWS).save_to_disk(str(folder / "hf"))
+    return {"jsonl": folder / "rows.jsonl", "json": folder / "rows.json", "parquet": folder / "rows.parquet",
+            "csv": folder / "rows.csv", "hf": folder / "hf"}
+
+
+def test_every_reader_gives_the_same_records(ray_cluster, smoke_cfg, tmp_path):
+    files = _write_all_formats(tmp_path / "in")
+    test = tmp_path / "test.jsonl"
+    _write_jsonl(test, [{"id": "t", "question": "What is 10 + 10?", "rationale": "-", "answer": "20"}])
+    got = {}
+    for fmt, path in files.items():
+        summary = write_splits(smoke_cfg("data.source=files", f"data.train_path={path}", f"data.test_path={test}"),
+                               tmp_path / fmt)
+        assert summary["train"]["kept"] == 6, (fmt, summary)
+        got[fmt] = [{k: r[k] for k in ("id", "question", "rationale", "answer")} for r in _rows(tmp_path / fmt / "train.parquet")]
+    assert all(rows == got["jsonl"] for rows in got.values()), got
+    assert got["jsonl"] == ROWS
+
+
+def test_folders_globs_and_byte_range_shards_keep_line_numbers(ray_cluster, smoke_cfg, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for part in range(3):
+        _write_jsonl(folder / f"part-{part}.jsonl", ROWS[part * 2: part * 2 + 2])
+    big = tmp_path / "big.jsonl"
+    filler = "x " * 150
+    rows = [{"id": f"b{i}", "question": f"{filler} q{i}?", "rationale": f"so {i}", "answer": str(i)} for i in range(6000)]
+    rows[4321] = "{broken"   # deep inside the file: in a later byte range than the first
+    _write_jsonl(big, rows)
+    assert big.stat().st_size > 1.5 * 2**20
+    test = tmp_path / "test.jsonl"
+    _write_jsonl(test, [{"id": "t", "question": "new?", "rationale": "-", "answer": "1"}])
+    cfg = smoke_cfg("data.source=files", f"data.train_path=[{folder}, '{tmp_path}/b*.jsonl']", f"data.test_path={test}",
+                    "data.shard_mb=1")
+    summary = write_splits(cfg, tmp_path / "data")
+    assert summary["train"] == {"rows_in": 6006, "kept": 6005, "rejected": 1, "truncated": 0}
+    [reject] = _rows(tmp_path / "data" / "rejects.parquet")
+    assert (reject["file"], reject["line"], reject["kind"]) == (str(big), 4322, "invalid_json")
+    kept = _rows(tmp_path / "data" / "train.parquet")
+    assert [r["id"] for r in kept[:6]] == [r["id"] for r in ROWS] and kept[6]["id"] == "b0"   # file order kept
+
+
+def test_gsm8k_and_fine_tune_cot_presets(ray_cluster, smoke_cfg, tmp_path):
+    gsm = tmp_path / "gsm8k.jsonl"
+    _write_jsonl(gsm, [
+        {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+         "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72 clips.\n#### 72"},
+        {"question": "No answer line?", "answer": "Just text."},
+    ])
+    ftc = tmp_path / "ftc.jsonl"
+    _write_jsonl(ftc, [
+        {"prompt": "Tom has 3 apples and buys 4. How many?\n\n###\n\n", "completion": " 3 + 4 = 7. --> 7 END"},
+        {"prompt": "Tom has 3 apples and buys 5. How many?\n\n###\n\n", "completion": " 3 + 5 = 9. --> 9 END",
+         "answer": "8"},   # the teacher was wrong: filtered
+    ])
+    test = tmp_path / "test.jsonl"
+    _write_jsonl(test, [{"id": "t", "question": "new?", "rationale": "-", "answer": "1"}])
+    with pytest.raises(UserError, match="no usable|test"):   # the test file is not in gsm8k layout
+        write_splits(smoke_cfg("data.source=files", f"data.train_path={ftc}", "data.preset=gsm8k",
+                               f"data.test_path={ftc}"), tmp_path / "x")
+    summary = write_splits(smoke_cfg("data.source=files", f"data.train_path={gsm}", "data.preset=gsm8k",
+                                     f"data.test_path={gsm}"), tmp_path / "g")
+    [rec] = _rows(tmp_path / "g" / "train.parquet")
+    assert rec["rationale"] == "In May she sold 48/2 = 24 clips.\nIn all 48+24 = 72 clips." and rec["answer"] == "72"
+    assert rec["id"].startswith("h-") and summary["train"]["rejected"] == 1
+    summary = write_splits(smoke_cfg("data.source=files", f"data.train_path={ftc}", "data.preset=fine_tune_cot",
+                                     f"data.test_path={ftc}"), tmp_path / "f")
+    [rec] = _rows(tmp_path / "f" / "train.parquet")
+    assert (rec["question"], rec["rationale"], rec["answer"]) == ("Tom has 3 apples and buys 4. How many?", "3 + 4 = 7.", "7")
+    assert summary["all"]["agreement_rejected"] == 1
+
+
+def test_field_mapping_with_nested_fields(ray_cluster, smoke_cfg, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    _write_jsonl(path, [{"meta": {"uid": "x1"}, "q": "Is 4 even?", "cot": "4 = 2 * 2, so yes.", "label": "Yes"}])
+    cfg = smoke_cfg("data.source=files", f"data.train_path={path}", f"data.test_path={path}", "task.answer_type=yes_no",
+                    "data.fields={id: meta.uid, question: q, rationale: cot, answer: label}")
+    write_splits(cfg, tmp_path / "d")
+    [rec] = _rows(tmp_path / "d" / "train.parquet")
+    assert (rec["id"], rec["question"], rec["answer"]) == ("x1", "Is 4 even?", "yes")
+
+
+def test_long_rationales_rejected_or_truncated(ray_cluster, smoke_cfg, tmp_path):
+    path = tmp_path / "long.jsonl"
+    long = "3 + 4 = 7. " * 9000 + "So 7."   # ~100 kB
+    _write_jsonl(path, [{"id": "long", "question": "q?", "rationale": long, "answer": "7"},
+                        {"id": "short", "question": "q2?", "rationale": "So 7.", "answer": "7"}])
+    base = ("data.source=files", f"data.train_path={path}", f"data.test_path={path}", "data.agreement_filter=false")
+    summary = write_splits(smoke_cfg(*base), tmp_path / "r")
+    assert summary["train"] == {"rows_in": 2, "kept": 1, "rejected": 1, "truncated": 0}
+    assert _rows(tmp_path / "r" / "rejects.parquet")[0]["kind"] == "too_long"
+    summary = write_splits(smoke_cfg(*base, "data.too_long=truncate", "data.max_rationale_tokens=50"), tmp_path / "t")
+    assert summary["train"] == {"rows_in": 2, "kept": 2, "rejected": 0, "truncated": 1}
+    rec = _rows(tmp_path / "t" / "train.parquet")[0]
+    assert long.startswith(rec["rationale"]) and 40 < len(rec["rationale"]) < 400
+
+
+def test_hashed_splits_are_stable_when_files_are_reordered_or_resharded(ray_cluster, smoke_cfg, tmp_path):
+    rows = [{"id": f"k{i}", "question": f"What is {i} + 1?", "rationale": f"{i} + 1 = {i + 1}", "answer": str(i + 1)}
+            for i in range(200)]
+    _write_jsonl(tmp_path / "one.jsonl", rows)
+    shuffled = tmp_path / "shards"
+    shuffled.mkdir()
+    for k in range(3):
+        _write_jsonl(shuffled / f"s{k}.jsonl", rows[::-1][k::3])
+
+    def splits(path, out):
+        summary = write_splits(smoke_cfg("data.source=files", f"data.paths=[{path}]"), tmp_path / out)
+        assert summary["all"]["rows_in"] == 200
+        return {s: sorted(r["id"] for r in _rows(tmp_path / out / f"{s}.parquet")) for s in ("train", "validation", "test")}
+
+    a, b = splits(tmp_path / "one.jsonl", "a"), splits(shuffled, "b")
+    assert a == b and len(a["train"]) > 140 and a["validation"] and a["test"]
+
+
+def test_reject_limit_stops_the_run_with_exit_code_2(ray_cluster, tmp_path, capsys):
+    from cwt_ray.cli import main
+
+    from conftest import ROOT
+
+    path = tmp_path / "bad.jsonl"
+    _write_jsonl(path, [ROWS[0], "{", "{", {"id": "z", "question": "q?", "rationale": "", "answer": "1"}])
+    test = tmp_path / "test.jsonl"
+    _write_jsonl(test, [{"id": "t", "question": "new?", "rationale": "-", "answer": "1"}])
+    args = [str(ROOT / "configs" / "smoke.yaml"), f"storage_path={tmp_path}", "data.source=files",
+            f"data.train_path={path}", f"data.test_path={test}"]
+    code = main(["chunk", *args, "data.max_reject_fraction=0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert "3 of 5 rows rejected (60.0%)" in err and "max_reject_fraction=0.5" in err
+    assert (tmp_path / "smoke" / "data" / "rejects.parquet").is_file()   # written before stopping
+    shutil.rmtree(tmp_path / "smoke")
+    summary = write_splits(load_config(ROOT / "configs" / "smoke.yaml", args[1:] + ["data.max_reject_fraction=0.8"]),
+                           tmp_path / "ok")
+    assert summary["train"]["kept"] == 1   # under the limit: the run goes on
