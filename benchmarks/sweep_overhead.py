@@ -28,6 +28,25 @@ COLUMNS = [("prepare", "prepare_s"), ("train", "train_wall_s"), ("steps", "train
            ("generate", "generate_s"), ("fixed", "fixed_s"), ("trial", "trial_wall_s")]
 
 
+def finished_trials(sweep_dir: Path) -> list[dict]:
+    """trials.json once the sweep wrote its report; for an interrupted sweep, each trial's last
+    result in Ray Tune's experiment folder (result.json, one JSON object per report)."""
+    if (sweep_dir / "trials.json").is_file():
+        return json.loads((sweep_dir / "trials.json").read_text())
+    rows = []
+    for path in sorted((sweep_dir / "tune").glob("*/result.json")):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            continue
+        m = json.loads(lines[-1])
+        done = "trial_wall_s" in m
+        # Tune names a trial's folder run_trial_<id>_<number>_<params>_<date>
+        number = int(path.parent.name.split("_")[3]) if path.parent.name.count("_") > 3 else 0
+        rows.append({"number": number, "metrics": m,
+                     "status": "done" if done else "unfinished"})
+    return sorted(rows, key=lambda r: r["number"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", nargs="?", default=str(ROOT / "configs" / "sweep_quickstart.yaml"))
@@ -41,7 +60,7 @@ def main() -> None:
     if not args.report_only and run_sweep(sweep, overwrite=True) is None:
         sys.exit("interrupted")
     wall = time.perf_counter() - t0
-    rows = [r for r in json.loads((sweep.dir / "trials.json").read_text()) if r["status"] == "done"]
+    rows = [r for r in finished_trials(sweep.dir) if r["status"] == "done"]
     if not rows:
         sys.exit(f"no finished trial in {sweep.dir}")
     if args.report_only:
