@@ -299,10 +299,17 @@ def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: t
     preflight(cfg, stages, force)
     run_dir = prepare_run_dir(cfg, overwrite)
     state = RunState(run_dir, cfg)
-    needs_ray = any(s in stages for s in ("chunk", "train", "eval")) or ("data" in stages and cfg.data.source == "files")
+    data_on_ray = "data" in stages and cfg.data.source == "files"
+    needs_ray = any(s in stages for s in ("chunk", "train", "eval")) or data_on_ray
     t0 = time.perf_counter()
+    # A generated source is made in this process, before Ray starts: in a submitted job the
+    # driver's working directory (the unpacked --working-dir) was seen gone after ray.init
+    # (os.getcwd() failing in the data stage's tokenizer import, tests/test_cluster.py); the cause
+    # inside Ray's runtime-env handling is not pinned down. Data read from files needs Ray.
+    if "data" in stages and not data_on_ray:
+        _stage_data(cfg, run_dir, state, "data" in force)
     with ray_session(cfg) if needs_ray else contextlib.nullcontext():
-        if "data" in stages:
+        if data_on_ray:
             _stage_data(cfg, run_dir, state, "data" in force)
         if "chunk" in stages and "cwt" in cfg.methods:   # stt needs cwt (config check)
             _stage_chunk(cfg, run_dir, state, "chunk" in force)
