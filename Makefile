@@ -28,7 +28,7 @@ smoke: install
 	$(BIN)/cwt-ray run configs/smoke.yaml $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest tests -q $(ARGS)
+	$(BIN)/python -m pytest tests -q --durations=15 $(ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest tests -q -m "not slow" $(ARGS)
