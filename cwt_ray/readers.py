@@ -15,6 +15,7 @@ import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -130,8 +131,14 @@ def _raw_text(data: bytes) -> str:
     return data[:2000].decode("utf-8", errors="replace")
 
 
-def _read_jsonl(shard: dict) -> Iterator[list]:
-    batch, line = [], shard["line"]
+def _batched(rows: Iterator[tuple]) -> Iterator[list]:
+    """Group a row-at-a-time reader's (number, row) pairs into lists of ROWS_PER_BATCH."""
+    while batch := list(itertools.islice(rows, ROWS_PER_BATCH)):
+        yield batch
+
+
+def _jsonl_rows(shard: dict) -> Iterator[tuple]:
+    line = shard["line"]
     with open(shard["path"], "rb") as f:
         f.seek(shard["start"])
         data = f.read(shard["end"] - shard["start"])   # at most shard_mb bytes per task
@@ -142,7 +149,7 @@ def _read_jsonl(shard: dict) -> Iterator[list]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            batch.append((n, Bad("not_utf8", f"line is not valid UTF-8 (byte {e.start})", _raw_text(raw))))
+            yield n, Bad("not_utf8", f"line is not valid UTF-8 (byte {e.start})", _raw_text(raw))
         else:
             try:
                 row = json.loads(text)
@@ -150,12 +157,11 @@ def _read_jsonl(shard: dict) -> Iterator[list]:
                 row = Bad("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})", text[:2000])
             if not isinstance(row, (dict, Bad)):
                 row = Bad("not_an_object", f"expected a JSON object, got {type(row).__name__}", text[:2000])
-            batch.append((n, row))
-        if len(batch) >= ROWS_PER_BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+            yield n, row
+
+
+def _read_jsonl(shard: dict) -> Iterator[list]:
+    return _batched(_jsonl_rows(shard))
 
 
 def _read_json_array(shard: dict) -> Iterator[list]:
@@ -205,8 +211,7 @@ def _read_hf(shard: dict) -> Iterator[list]:
             n += len(rows)
 
 
-def _read_csv(shard: dict) -> Iterator[list]:
-    batch = []
+def _csv_rows(shard: dict) -> Iterator[tuple]:
     with open(shard["path"], "rb") as f:
         text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.DictReader(text)
@@ -216,12 +221,11 @@ def _read_csv(shard: dict) -> Iterator[list]:
             if None in row or None in row.values():
                 row = Bad("bad_csv_row", f"row has {len(row) - (None in row) + len(row.get(None) or [])} fields, "
                           f"the header has {len(reader.fieldnames)}", json.dumps(row, default=str)[:2000])
-            batch.append((n, row))
-            if len(batch) >= ROWS_PER_BATCH:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+            yield n, row
+
+
+def _read_csv(shard: dict) -> Iterator[list]:
+    return _batched(_csv_rows(shard))
 
 
 READERS = {"jsonl": _read_jsonl, "json": _read_json_array, "parquet": _read_parquet, "csv": _read_csv, "hf": _read_hf}
