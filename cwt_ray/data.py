@@ -191,7 +191,7 @@ class Validator:
             said = cand["cot_answer"]
             said = self.extractor.normalize_gold(said) if said is not None else \
                 self.extractor.extract(rec["rationale"]).answer
-            if said != gold:
+            if not self.extractor.is_correct(said, gold):   # the evaluation's own comparison
                 return Bad("teacher_disagrees", f"rationale ends in {said!r}, gold answer is {gold!r}")
         rec["truncated"] = False
         return rec

@@ -112,7 +112,7 @@ class Teacher:
                 said = self.extractor.extract(text).answer
                 row = {"id": f"{qid}-t{k}", "question": question, "rationale": text.strip(), "answer": str(gold),
                        "question_id": str(qid), "teacher": self.name, "sample_index": k, "finish_reason": finish,
-                       "teacher_answer": said, "agrees": said is not None and said == str(gold), "engine": self.engine}
+                       "teacher_answer": said, "agrees": self.extractor.is_correct(said, str(gold)), "engine": self.engine}
                 for name in cols:
                     cols[name].append(row[name])
         return {name: np.array(values, dtype=object) if name not in ("sample_index", "agrees") else np.array(values)
