@@ -21,11 +21,13 @@ import statistics
 import sys
 import time
 
+import torch
+
 from cwt_ray.config import load_config
 from cwt_ray.pipeline import prepare_train_storage, ray_session, run_stages, student_info
 from cwt_ray.reference import plain_train
 from cwt_ray.student import resolve_student
-from cwt_ray.train import train_method
+from cwt_ray.train import resolve_precision, train_method
 
 
 def steady_tps(rows: list[dict], key: str = "processed_tokens") -> float:
@@ -69,14 +71,15 @@ def main() -> int:
                       f"({time.perf_counter() - t0:.0f}s wall)", flush=True)
     # fp32 agrees to 1e-5 (tests/test_pipeline.py); under bf16 autocast the two heads multiply
     # matrices of different shapes, so rounding differs: compare at bf16's precision.
-    tol = 1e-3 if cfg.train.precision == "fp32" else 2e-2
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu"), warn=False)
+    tol = 1e-3 if precision == "fp32" else 2e-2
     agree = all(abs(a - b) <= tol * max(1.0, abs(b)) for other in ("plain", "plain_full_head")
                 for a, b in zip(losses["ray_train"], losses[other]))
     med = {k: statistics.median(v) for k, v in results.items()}
     ratio = med["ray_train"] / med["plain"]
     ratio_full = med["ray_train"] / med["plain_full_head"]
     print(f"\n{cfg.student.name}, {args.method}, {args.steps} steps of batch {cfg.train.batch_size} "
-          f"(micro {cfg.train.micro_batch_size}), {cfg.train.precision}, {cfg.train.cpus_per_worker:g} CPU threads; "
+          f"(micro {cfg.train.micro_batch_size}), {precision}, {cfg.train.cpus_per_worker:g} CPU threads; "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'system':<10} {'median tok/s':>12}  runs")
     for k, v in results.items():
@@ -86,7 +89,7 @@ def main() -> int:
     print(json.dumps({"benchmark": "train_throughput", "config": args.config, "overrides": args.overrides,
                       "student": cfg.student.name, "method": args.method, "steps": args.steps,
                       "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
-                      "precision": cfg.train.precision, "repeats": args.repeats, "tokens_per_s": results,
+                      "precision": precision, "repeats": args.repeats, "tokens_per_s": results,
                       "median": med, "ratio": ratio, "ratio_vs_full_head": ratio_full, "losses_agree": agree,
                       "load_average": [load0, os.getloadavg()[0]]}))
     return 0 if agree else 1

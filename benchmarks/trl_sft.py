@@ -123,6 +123,7 @@ def run_trl(mode: str, rows, model_path, tokenizer, tcfg, steps: int, cpus: int,
     from trl import SFTConfig, SFTTrainer
 
     from cwt_ray.student import load_model
+    from cwt_ray.train import resolve_precision
 
     torch.set_num_threads(cpus)
     marks = {"begin": [], "end": []}
@@ -149,7 +150,8 @@ def run_trl(mode: str, rows, model_path, tokenizer, tcfg, steps: int, cpus: int,
             output_dir=out_dir, max_steps=steps, per_device_train_batch_size=tcfg.batch_size,
             gradient_accumulation_steps=1, learning_rate=tcfg.lr, lr_scheduler_type=tcfg.lr_schedule,
             warmup_steps=tcfg.warmup_steps, weight_decay=tcfg.weight_decay, max_grad_norm=tcfg.max_grad_norm,
-            optim="adamw_torch", bf16=tcfg.precision == "bf16", use_cpu=True, seed=seed,
+            optim="adamw_torch", bf16=resolve_precision(tcfg.precision, torch.device("cpu"), warn=False) == "bf16",
+            use_cpu=True, seed=seed,
             completion_only_loss=True, max_length=None, padding_free=mode == "padding_free",
             train_sampling_strategy="group_by_length" if mode == "grouped" else "random",
             dataloader_drop_last=True, dataloader_num_workers=0, report_to="none", logging_steps=1,

@@ -296,7 +296,9 @@ class TrainConfig(_Strict):
     bucket_factor: int = Field(
         16, ge=0, description="Length bucketing: sort each window of bucket_factor x batch_size samples by "
                               "length before cutting steps, then shuffle the steps (0 = off). Less padding.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast with fp32 master weights.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="bf16 = autocast with fp32 master weights; auto = bf16 where the hardware computes it "
+                            "natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32.")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)

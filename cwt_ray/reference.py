@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import ExperimentConfig
 from .samples import IGNORE
-from .train import collate, epoch_steps, load_samples, lr_lambda
+from .train import collate, epoch_steps, load_samples, lr_lambda, resolve_precision
 
 
 def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path, head: str = "full") -> list[dict]:
@@ -46,7 +46,8 @@ def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext()
+    precision = resolve_precision(tcfg.precision, device, warn=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     schedule = tcfg.cwt_schedule if method in ("cwt", "stt") else "shuffle"
     rows, order, order_epoch = [], [], -1
     model.train()

@@ -229,6 +229,29 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def native_bf16(device) -> bool:
+    """Whether bf16 matmuls run on fast kernels here. On a CPU without AVX512-BF16/AMX, torch's
+    autocast falls back to a reference GEMM: the SmolLM2 LM head's backward took 64 s in bf16 vs
+    1.4 s in fp32 on an AVX2-only EPYC (docs/results.md), so bf16 there is a trap, not a speed-up."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):   # private API: absent means no oneDNN bf16
+        return False
+
+
+def resolve_precision(precision: str, device, warn: bool = True) -> str:
+    """`auto` -> bf16 where native, else fp32. An explicit bf16 is kept (the user asked), with a
+    warning when it will be slow."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and warn and not native_bf16(device):
+        log.warning(f"train.precision=bf16 on a {device.type} without native bf16 (no AVX512-BF16/AMX): "
+                    "matmuls take a slow fallback path (tens of times slower); use train.precision=auto or fp32")
+    return precision
+
+
 def peak_memory_gb(device) -> float:
     """GPU: peak allocated by torch; CPU: the worker process's peak resident set."""
     if device.type == "cuda":
@@ -383,7 +406,8 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     flops_peak = peak_flops(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext())
+    precision = resolve_precision(tcfg.precision, device, warn=rank == 0)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
 
     def save(step: int, final: bool) -> None:
         """Rank 0 writes a checkpoint; every rank calls report (it is a barrier). Under FSDP every
@@ -421,13 +445,14 @@ def train_loop_per_worker(config: dict) -> None:
                     state["lora"] = get_peft_model_state_dict(raw_model)
             torch.save(state, os.path.join(d, "train_state.pt"))
             if final:
-                final_metrics = {**summary(log_rows, len(samples), dropped, world), "worker_nodes": worker_nodes}
+                final_metrics = {**summary(log_rows, len(samples), dropped, world), "worker_nodes": worker_nodes,
+                                 "precision": precision}
                 Path(d, TRAIN_METRICS).write_text(json.dumps(final_metrics, indent=2))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     if rank == 0:
         log.info(f"[train {method}] {len(samples)} samples ({dropped} dropped: longer than student.max_length), "
-                 f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}")
+                 f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}, {precision}")
         log.info(f"[train {method}] worker nodes (rank order): {', '.join(n[:12] for n in worker_nodes)}")
     model.train()
     schedule = tcfg.cwt_schedule if method in ("cwt", "stt") else "shuffle"

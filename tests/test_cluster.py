@@ -49,28 +49,6 @@ def test_readme_shows_the_commands_the_cluster_tests_run():
 
 
 @pytest.mark.slow
-def test_job_trains_on_two_nodes_with_token_auth(cluster):
-    # One CPU per node and one CPU per training worker: two workers must land on two nodes.
-    cluster.start_head(num_cpus=1)
-    cluster.add_node(num_cpus=1)
-    nodes = cluster.wait_for_nodes(2)
-    assert len(nodes) == 2
-
-    denied = cluster.submit(["python", "-c", "print(1)"], check=False, timeout=120,
-                            env={"RAY_AUTH_TOKEN": "0" * 64})   # a wrong token is refused
-    assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
-
-    storage = cluster.temp_dir / "runs"
-    out = cluster.submit(smoke_job(storage)).stdout
-    assert "succeeded" in out
-    metrics = read_metrics(storage / "smoke")
-    assert metrics["workers"] == 2
-    assert len(set(metrics["worker_nodes"])) == 2, metrics["worker_nodes"]
-    assert set(metrics["worker_nodes"]) == {n["node_id"] for n in nodes}
-    assert (storage / "smoke" / "report.md").is_file()
-
-
-@pytest.mark.slow
 def test_autoscaler_launches_the_nodes_a_training_job_needs(cluster):
     config = yaml.safe_load((ROOT / "configs" / "cluster" / "fake_multinode.yaml").read_text())
     config["provider"]["gcs_address"] = cluster.gcs_address   # launched nodes join this cluster, not :6379
@@ -94,10 +72,18 @@ def _checkpoints(storage_dir: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_killed_node_job_resumes_from_last_checkpoint_on_a_new_node(cluster):
+def test_job_on_two_nodes_with_token_auth_resumes_from_last_checkpoint_when_a_node_dies(cluster):
+    """One CPU per node and one CPU per training worker: the two workers must land on two nodes.
+    One node is killed mid-run; the job goes on from its last checkpoint on a replacement node."""
     cluster.start_head(num_cpus=1)
     doomed = cluster.add_node(num_cpus=1)
     first_nodes = {n["node_id"] for n in cluster.wait_for_nodes(2)}
+    assert len(first_nodes) == 2
+
+    denied = cluster.submit(["python", "-c", "print(1)"], check=False, timeout=120,
+                            env={"RAY_AUTH_TOKEN": "0" * 64})   # a wrong token is refused
+    assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
+
     storage = cluster.temp_dir / "runs"
     # 64 questions / batch 8 = 8 steps per epoch, 3 epochs: checkpoints after steps 8 and 16.
     job_id = "cwt-fault-test"
@@ -135,8 +121,11 @@ def test_killed_node_job_resumes_from_last_checkpoint_on_a_new_node(cluster):
     before = max(saved_rows.values(), key=len)
     assert resumed[0] >= len(before) >= 8
     assert [json.loads(r)["loss"] for r in before] == [r["loss"] for r in rows[:len(before)]]
-    # The retry ran on the head and the replacement node, not on the killed one.
-    assert len(set(metrics["worker_nodes"])) == 2 and not set(metrics["worker_nodes"]) <= first_nodes
+    # The retry ran on two nodes: the head and the replacement, not the killed one.
+    alive = {n["node_id"] for n in cluster.alive_nodes()}
+    assert metrics["workers"] == 2 and len(set(metrics["worker_nodes"])) == 2, metrics["worker_nodes"]
+    assert set(metrics["worker_nodes"]) == alive and not set(metrics["worker_nodes"]) <= first_nodes
+    assert (storage / "smoke" / "report.md").is_file()
 
 
 def _prepared(config: dict) -> dict:

@@ -1,10 +1,12 @@
 """A yes/no task and a multiple-choice task from small files written here go through the whole
-pipeline: read (Ray Data), chunk, train a tiny student, evaluate."""
+pipeline: read (Ray Data), chunk, train a tiny student, evaluate. CWT only: it uses every stage
+(Std-CoT's path is the same minus chunking, and the other pipeline tests run it)."""
 import json
 
 import pyarrow.parquet as pq
 import pytest
 
+from cwt_ray.chunk import read_chunks
 from cwt_ray.pipeline import run_stages
 
 pytestmark = pytest.mark.slow
@@ -43,13 +45,13 @@ def _run(smoke_cfg, tmp_path, name, rows, overrides):
 
     pq.write_table(pa.Table.from_pylist(rows[24:]), test)
     cfg = smoke_cfg(f"name={name}", "data.source=files", f"data.train_path={train}", f"data.test_path={test}",
-                    "train.max_steps=3", "eval.max_new_tokens=16", *overrides)
+                    "methods=[cwt]", "train.max_steps=3", "eval.max_new_tokens=16", *overrides)
     report = run_stages(cfg)
     run_dir = cfg.run_dir
     summary = json.loads((run_dir / "data" / "summary.json").read_text())
-    for method in ("std_cot", "cwt"):
-        metrics = json.loads((run_dir / "evals" / method / "metrics.json").read_text())
-        assert metrics["n"] == summary["test"]["kept"] > 0
+    metrics = json.loads((run_dir / "evals" / "cwt" / "metrics.json").read_text())
+    assert metrics["n"] == summary["test"]["kept"] > 0
+    assert len(read_chunks(run_dir / "chunks" / "train")) == summary["train"]["kept"]
     assert report.is_file()
     return summary, run_dir
 

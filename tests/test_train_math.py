@@ -114,3 +114,14 @@ def test_loss_by_kind_labels_chunk_answer_and_skip_targets(tokenizer):
     per_sample = [set(k.tolist()) - {0} for k in kinds[:4]]
     assert per_sample == [{KIND_CHUNK}, {KIND_SKIP}, {KIND_CHUNK}, {KIND_ANSWER}]
     assert set(kinds[4].tolist()) == {0, KIND_CHUNK, KIND_SKIP, KIND_ANSWER}
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively():
+    """On a CPU without AVX512-BF16/AMX, bf16 autocast matmuls are ~44x slower than fp32
+    (benchmarks/cpu_precision.py): `auto` must not pick them there; an explicit choice is kept."""
+    from cwt_ray.train import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu, warn=False) == "bf16"
+    assert load_config(ROOT / "configs" / "quickstart.yaml").train.precision == "auto"
