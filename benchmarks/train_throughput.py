@@ -30,8 +30,8 @@ from cwt_ray.student import resolve_student
 from cwt_ray.train import resolve_precision, train_method
 
 
-def steady_tps(rows: list[dict], key: str = "processed_tokens") -> float:
-    rows = rows[1:] if len(rows) > 1 else rows
+def steady_tps(rows: list[dict], warmup: int = 1, key: str = "processed_tokens") -> float:
+    rows = rows[warmup:] if len(rows) > warmup else rows
     return sum(r[key] for r in rows) / sum(r["step_time_s"] for r in rows)
 
 
@@ -41,6 +41,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--method", default="cwt", choices=["std_cot", "cwt"])
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the steady state (same for every system)")
     p.add_argument("--no-full-head", action="store_true", help="skip the plain loop with HF's full logits (saves a third)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -50,6 +51,7 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     results = {"ray_train": [], "plain": []} if args.no_full_head else {"ray_train": [], "plain": [], "plain_full_head": []}
     losses = {}
+    step_times = {k: [] for k in results}
     with ray_session(cfg):
         run_stages(cfg, stages=("data", "chunk"))
         student = resolve_student(cfg.student)
@@ -61,14 +63,14 @@ def main() -> int:
                 t0 = time.perf_counter()
                 if system.startswith("plain"):
                     rows = plain_train(cfg, args.method, run_dir, student, "full" if system == "plain_full_head" else "supervised")
-                    tps = steady_tps(rows)
-                    losses[system] = [r["loss"] for r in rows]
                 else:
                     prepare_train_storage(run_dir, args.method, f"bench-{rep}", fresh=True)
-                    m = train_method(cfg, args.method, run_dir, student, student_info(cfg, args.method))
-                    tps = m["processed_tokens_per_s"]
+                    train_method(cfg, args.method, run_dir, student, student_info(cfg, args.method))
                     log = (run_dir / "students" / args.method / "train_log.jsonl").read_text().splitlines()
-                    losses["ray_train"] = [json.loads(r)["loss"] for r in log]
+                    rows = [json.loads(r) for r in log]   # the worker's own per-step log
+                tps = steady_tps(rows, args.warmup)
+                losses[system] = [r["loss"] for r in rows]
+                step_times[system].append([round(r["step_time_s"], 3) for r in rows])
                 results[system].append(tps)
                 print(f"[bench] repeat {rep + 1}/{args.repeats} {system}: {tps:.0f} processed tok/s "
                       f"({time.perf_counter() - t0:.0f}s wall)", flush=True)
@@ -94,7 +96,7 @@ def main() -> int:
                       "student": cfg.student.name, "method": args.method, "steps": args.steps,
                       "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
                       "precision": precision, "repeats": args.repeats, "tokens_per_s": results,
-                      "median": med, "ratio": ratio, "ratio_vs_full_head": ratio_full, "losses_agree": agree,
+                      "median": med, "warmup_steps": args.warmup, "step_times_s": step_times, "ratio": ratio, "ratio_vs_full_head": ratio_full, "losses_agree": agree,
                       "load_average": [load0, os.getloadavg()[0]]}))
     return 0 if agree else 1
 

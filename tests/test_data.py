@@ -177,6 +177,8 @@ def test_gsm8k_and_fine_tune_cot_presets(ray_cluster, smoke_cfg, tmp_path):
         {"prompt": "Tom has 3 apples and buys 4. How many?\n\n###\n\n", "completion": " 3 + 4 = 7. --> 7 END"},
         {"prompt": "Tom has 3 apples and buys 5. How many?\n\n###\n\n", "completion": " 3 + 5 = 9. --> 9 END",
          "answer": "8"},   # the teacher was wrong: filtered
+        # the released code's decoder format ("{q} ###") with the GPT-3 experiments' "\n\n-->\n\n"
+        {"prompt": "Tom has 2 pears and eats 1. How many? ###", "completion": " 2 - 1 = 1.\n\n-->\n\n1 END"},
     ])
     test = tmp_path / "test.jsonl"
     _write_jsonl(test, [{"id": "t", "question": "new?", "rationale": "-", "answer": "1"}])
@@ -190,8 +192,9 @@ def test_gsm8k_and_fine_tune_cot_presets(ray_cluster, smoke_cfg, tmp_path):
     assert rec["id"].startswith("h-") and summary["train"]["rejected"] == 1
     summary = write_splits(smoke_cfg("data.source=files", f"data.train_path={ftc}", "data.preset=fine_tune_cot",
                                      f"data.test_path={ftc}"), tmp_path / "f")
-    [rec] = _rows(tmp_path / "f" / "train.parquet")
-    assert (rec["question"], rec["rationale"], rec["answer"]) == ("Tom has 3 apples and buys 4. How many?", "3 + 4 = 7.", "7")
+    recs = sorted((r["question"], r["rationale"], r["answer"]) for r in _rows(tmp_path / "f" / "train.parquet"))
+    assert recs == [("Tom has 2 pears and eats 1. How many?", "2 - 1 = 1.", "1"),
+                    ("Tom has 3 apples and buys 4. How many?", "3 + 4 = 7.", "7")]
     assert summary["all"]["agreement_rejected"] == 1
 
 
