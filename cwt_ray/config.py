@@ -356,11 +356,6 @@ class RayConfig(_Strict):
     num_cpus: Optional[int] = Field(None, ge=1, description="Embedded cluster size (default: all cores).")
     include_dashboard: bool = Field(True, description="Embedded cluster only; bound to 127.0.0.1. Ray's state API, "
                                                        "which Ray Train polls, needs it.")
-    worker_niceness: Optional[int] = Field(
-        0, ge=0, le=19, description="Nice value of the Ray worker processes this program's job starts (training, "
-                                    "chunking, evaluation). Ray's default is 15 (workers yield to its daemons); on a "
-                                    "small machine whose job is this run, 15 lets every idle Ray process preempt "
-                                    "training. None: Ray's default.")
     storage_uri: Optional[str] = Field(
         None, description="Where Ray Train keeps checkpoints: a URI such as s3://bucket/prefix (any pyarrow "
                           "filesystem) or a shared path; checkpoints go to <storage_uri>/<name>/train-<method>. "

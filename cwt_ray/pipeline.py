@@ -78,8 +78,6 @@ def ray_session(cfg: ExperimentConfig):
     env_vars = dict(OFFLINE_ENV)
     if "CWT_RAY_CACHE" in os.environ:
         env_vars["CWT_RAY_CACHE"] = os.environ["CWT_RAY_CACHE"]
-    if cfg.ray.worker_niceness is not None:   # read by each worker process as it starts (Ray's own knob)
-        env_vars["RAY_worker_niceness"] = str(cfg.ray.worker_niceness)
     # None means: the cluster a job was submitted to (Ray sets RAY_ADDRESS), else a new embedded
     # one. Never "the last cluster `ray start` left on this machine", which ray.init(None) would join.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
