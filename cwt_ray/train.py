@@ -231,8 +231,8 @@ def peak_flops(device) -> float | None:
 
 def native_bf16(device) -> bool:
     """Whether bf16 matmuls run on fast kernels here. On a CPU without AVX512-BF16/AMX, torch's
-    autocast falls back to a reference GEMM: the SmolLM2 LM head's backward took 64 s in bf16 vs
-    1.4 s in fp32 on an AVX2-only EPYC (docs/results.md), so bf16 there is a trap, not a speed-up."""
+    autocast falls back to a reference GEMM: the SmolLM2 LM-head matmul's forward+backward took 61 s
+    in bf16 vs 1.4 s in fp32 on an AVX2-only EPYC (docs/results.md), so bf16 there is a trap."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
@@ -247,8 +247,9 @@ def resolve_precision(precision: str, device, warn: bool = True) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16" and warn and not native_bf16(device):
-        log.warning(f"train.precision=bf16 on a {device.type} without native bf16 (no AVX512-BF16/AMX): "
-                    "matmuls take a slow fallback path (tens of times slower); use train.precision=auto or fp32")
+        hint = " (no AVX512-BF16/AMX)" if device.type == "cpu" else ""
+        log.warning(f"train.precision=bf16 on a {device.type} without native bf16{hint}: matmuls take a slow "
+                    "fallback path (tens of times slower); use train.precision=auto or fp32")
     return precision
 
 
