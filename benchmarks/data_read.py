@@ -52,26 +52,61 @@ def memory() -> dict:
     return out
 
 
+def length_check(data: Path, n: int) -> dict:
+    """Token counts of the first n rationales, twice on one core: every text encoded by the
+    student's Rust tokenizer (what the data stage did before TokenCounter), then TokenCounter
+    (pre-tokens counted once each, then looked up). The counts must be identical."""
+    from cwt_ray.config import StudentConfig
+    from cwt_ray.data import TokenCounter
+    from cwt_ray.student import load_tokenizer, resolve_student
+
+    texts = []
+    with open(data) as f:
+        for line in f:
+            texts.append(json.loads(line)["rationale"])
+            if len(texts) == n:
+                break
+    backend = load_tokenizer(resolve_student(StudentConfig(name="tiny-llama"))).backend_tokenizer   # SmolLM2's
+    t0 = time.perf_counter()
+    full = [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    t_full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    counted = TokenCounter(backend).counts(texts)
+    t_counter = time.perf_counter() - t0
+    if counted != full:
+        raise SystemExit("TokenCounter disagrees with the tokenizer")
+    return {"length_check_rows": len(texts), "encode_rows_per_s": round(len(texts) / t_full),
+            "token_counter_rows_per_s": round(len(texts) / t_counter), "token_counter_speedup": round(t_full / t_counter, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--out", default="/tmp/cwt-data-bench")
     ap.add_argument("--max-length", type=int, default=2048, help="student.max_length (the rationale token limit)")
     ap.add_argument("--shard-mb", type=int, default=16)
+    ap.add_argument("--length-check-rows", type=int, default=20000,
+                    help="also time the token-length check alone on this many rationales: full encodings "
+                         "(the Rust tokenizer, one batch call) vs data.TokenCounter, same texts, same process")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # One thread per tokenizer call, as in the data stage's Ray workers (pipeline.OFFLINE_ENV):
+    # the length-check comparison is core for core.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"rows-{args.rows}.jsonl"
     generate(data, args.rows)
 
     import psutil
+    import pyarrow as pa
     import ray
 
     from cwt_ray.config import load_config
     from cwt_ray.data import write_splits
     from cwt_ray.pipeline import quiet_ray_data
 
+    check = length_check(data, args.length_check_rows) if args.length_check_rows else {}
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml", [
         f"storage_path={out}", "name=bench", "data.source=files", f"data.paths=[{data}]",
         f"student.max_length={args.max_length}", f"data.shard_mb={args.shard_mb}"])
@@ -100,7 +135,8 @@ def main() -> None:
               "driver_uss_before_mb": round(base["driver_uss"] / 2**20),
               **{f"peak_{k}_mb": round(v / 2**20) for k, v in peak.items()}, "id_hash_bytes": total["id_hash_bytes"],
               "bytes_per_id": round(total["id_hash_bytes"] / max(1, total["unique_ids"]), 2),
-              "max_length": args.max_length, "shard_mb": args.shard_mb, "cpus": psutil.cpu_count()}
+              "max_length": args.max_length, "shard_mb": args.shard_mb, "cpus": psutil.cpu_count(),
+              "arrow_memory_pool": pa.default_memory_pool().backend_name, **check}
     for k, v in result.items():
         print(f"{k:>20}  {v}")
     print(json.dumps(result))

@@ -51,3 +51,60 @@ def smoke_cfg(tmp_path):
     def make(*overrides):
         return load_config(ROOT / "configs" / "smoke.yaml", [f"storage_path={tmp_path}", *overrides])
     return make
+
+
+# Stage outputs shared across tests. Each Ray Train fit costs ~25 s of process start-up and imports
+# on 2 cores, and each chunk stage ~9 s, so a test whose config gives a stage the same fingerprint
+# as an earlier test's (the pipeline's own `stages.json` fingerprints, over exactly the config
+# sections the stage depends on) starts from a copy of that stage's output: it is what the test
+# would have computed. Everything else the test runs itself.
+_SHARED_STAGES = {"data": ("data",), "chunk": ("chunks",), "train/std_cot": ("students/std_cot",),
+                  "train/cwt": ("students/cwt",)}
+
+
+@pytest.fixture(scope="session")
+def _stage_outputs() -> dict:
+    return {}   # (stage key, fingerprint) -> run directory that holds the output
+
+
+def seed_stages(cfg, source: Path, keys=tuple(_SHARED_STAGES)) -> list[str]:
+    """Copy the finished stages of run directory `source` whose fingerprints match cfg's into
+    cfg's run directory (marked done there); returns the stage keys seeded."""
+    import shutil
+
+    from cwt_ray.pipeline import RunState
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    state, done = RunState(cfg.run_dir, cfg), RunState(source, cfg).done
+    seeded = []
+    for key in keys:
+        if key in state.done or done.get(key) != state.fingerprint(key):
+            continue
+        if key.startswith("train/") and cfg.debug.model_dump(exclude_defaults=True):
+            continue   # a run with a kill or a pause injected must really train
+        for folder in _SHARED_STAGES[key]:
+            shutil.copytree(source / folder, cfg.run_dir / folder)
+        state.mark(key)
+        seeded.append(key)
+    return seeded
+
+
+@pytest.fixture
+def run_shared(_stage_outputs):
+    """`run_stages(cfg, stages)`, seeding cfg's run directory with matching finished stages of
+    earlier tests."""
+    from cwt_ray.pipeline import RunState, run_stages
+
+    def run(cfg, stages):
+        state = RunState(cfg.run_dir, cfg)
+        for key in _SHARED_STAGES:
+            source = _stage_outputs.get((key, state.fingerprint(key)))
+            if source is not None:
+                seed_stages(cfg, source, (key,))
+        out = run_stages(cfg, stages)
+        state = RunState(cfg.run_dir, cfg)
+        for key in _SHARED_STAGES:
+            if state.is_done(key):
+                _stage_outputs.setdefault((key, state.fingerprint(key)), cfg.run_dir)
+        return out
+    return run

@@ -36,10 +36,19 @@ def _read_events(folder) -> dict:
     return out
 
 
-def test_end_to_end_then_rerun_skips_finished_stages(ray_cluster, smoke_cfg, capsys):
+def test_end_to_end_std_cot_cwt_stt_then_rerun_skips_finished_stages(ray_cluster, smoke_cfg, capsys):
+    """The whole pipeline through real Ray, all three methods in one run (each Ray Train fit costs
+    ~25 s of start-up here): data -> chunk -> Std-CoT and CWT -> skip data (NLL gate, every middle
+    chunk passes a 100-nat threshold) -> STT -> evaluation (skip-aware for STT) -> report. Then the
+    same command skips every finished stage, and an inference-only knob redoes only eval/stt."""
     from transformers import AutoModelForCausalLM
 
-    cfg = smoke_cfg("train.tensorboard=true")
+    from cwt_ray.cli import main
+    from cwt_ray.skip import STATUSES
+
+    overrides = ["methods=[std_cot,cwt,stt]", "train.tensorboard=true", "stt.threshold=100",
+                 "stt.require_correct=false", "eval.latency_questions=2"]
+    cfg = smoke_cfg(*overrides)
     report = run_stages(cfg)
     run_dir = cfg.run_dir
     text = report.read_text()
@@ -65,18 +74,35 @@ def test_end_to_end_then_rerun_skips_finished_stages(ray_cluster, smoke_cfg, cap
     assert len(chunks) == len(rationales)
     assert all("".join(c["chunks"]) == rationales[c["id"]] for c in chunks)
     assert (run_dir / "config.yaml").is_file()
+    # STT: skip data, the student, skip-aware evaluation with batch-1 latency
+    summary = json.loads((run_dir / "skips" / "train" / "summary.json").read_text())
+    assert summary["rationales_in"] == summary["rationales_out"] == sum(summary[s] for s in STATUSES) == 32
+    assert summary["skipped"] > 0 and summary["chunks_skipped"] == summary["skippable_chunks"]
+    skips = pq.read_table(run_dir / "skips" / "train" / "skips.parquet").to_pylist()
+    assert all(r["skip_sets"] == [[2]] for r in skips if r["num_chunks"] == 3)   # K=3: only chunk 2 is middle
+    info = json.loads((run_dir / "students" / "stt" / "cwt_student.json").read_text())
+    assert info["method"] == "stt" and info["skip_style"] == "marker"
+    ev = json.loads((run_dir / "evals" / "stt" / "metrics.json").read_text())
+    assert ev["n"] == 8 and ev["latency_n"] == 2 and ev["latency_batch_size"] == 1 and "skipped_per_answer" in ev
+    assert len(pq.read_table(run_dir / "evals" / "stt" / "latency.parquet")) == 2
+    assert "| STT |" in text and "## Skip data (STT)" in text and "batch-1 latency" in text
 
     capsys.readouterr()
     run_stages(cfg)
     out = capsys.readouterr().out
-    for stage in ("[data]", "[chunk]", "[train std_cot]", "[train cwt]", "[eval std_cot]", "[eval cwt]"):
+    for stage in ("[data]", "[chunk]", "[train std_cot]", "[train cwt]", "[skip]", "[train stt]",
+                  "[eval std_cot]", "[eval cwt]", "[eval stt]"):
         assert f"{stage} up to date, skipped" in out
 
-    # Changing only an eval knob redoes evaluation, not training.
-    run_stages(smoke_cfg("eval.max_new_tokens=8"))
+    # An inference-only knob redoes that evaluation, not training, skip data or other evaluations.
+    run_stages(smoke_cfg(*overrides, "stt.skip_confidence=0.5"))
     out = capsys.readouterr().out
-    assert "[train cwt] up to date, skipped" in out and "[eval cwt] up to date" not in out
-    assert json.loads((run_dir / "evals" / "cwt" / "metrics.json").read_text())["tokens_generated"] <= 8
+    assert "[skip] up to date" in out and "[train stt] up to date" in out and "[train cwt] up to date" in out
+    assert "[eval cwt] up to date" in out and "[eval stt] up to date" not in out
+
+    assert main(["generate", str(run_dir / "students" / "stt"), "Tom has 3 apples. How many?",
+                 "--max-new-tokens", "8", "--skip-confidence", "0.5"]) == 0
+    assert "answer:" in capsys.readouterr().out
 
 
 def test_eval_without_training_is_a_user_error(ray_cluster, smoke_cfg):
@@ -84,14 +110,14 @@ def test_eval_without_training_is_a_user_error(ray_cluster, smoke_cfg):
         run_stages(smoke_cfg("name=untrained"), stages=("eval",))
 
 
-def test_cwt_with_one_chunk_trains_exactly_like_std_cot(ray_cluster, smoke_cfg):
+def test_cwt_with_one_chunk_trains_exactly_like_std_cot(ray_cluster, smoke_cfg, run_shared):
     cfg = smoke_cfg("name=k1", "chunk.num_chunks=1", "stages.chunk_marker=", "stages.answer_marker=",
                     "stages.answer_stage=with_last_chunk", "train.max_steps=3")
-    run_stages(cfg, stages=("data", "chunk", "train"))
+    run_shared(cfg, stages=("data", "chunk", "train"))
     assert _losses(cfg.run_dir, "cwt") == pytest.approx(_losses(cfg.run_dir, "std_cot"), rel=1e-6)
 
 
-def test_ray_train_with_one_worker_matches_a_plain_pytorch_loop(ray_cluster, smoke_cfg, tiny_student):
+def test_ray_train_with_one_worker_matches_a_plain_pytorch_loop(ray_cluster, smoke_cfg, tiny_student, run_shared):
     """Same data and seed: the Ray Train run (DDP wrapper, our LM-head-on-targets loss, our
     normaliser, checkpoints) and a plain loop with HF's full logits give the same loss curve."""
     from cwt_ray.reference import plain_train
@@ -99,7 +125,7 @@ def test_ray_train_with_one_worker_matches_a_plain_pytorch_loop(ray_cluster, smo
     # CWT only: its samples (prompt + earlier chunks -> one chunk) include Std-CoT's shape, and
     # test_cwt_with_one_chunk_... ties the two methods' training together.
     cfg = smoke_cfg("name=plain", "methods=[cwt]", "train.max_steps=4", "train.micro_batch_size=4")
-    run_stages(cfg, stages=("data", "chunk", "train"))
+    run_shared(cfg, stages=("data", "chunk", "train"))
     plain = [r["loss"] for r in plain_train(cfg, "cwt", cfg.run_dir, tiny_student)]
     assert len(plain) == 4
     assert _losses(cfg.run_dir, "cwt") == pytest.approx(plain, rel=1e-5)
@@ -110,33 +136,39 @@ def test_ray_train_with_one_worker_matches_a_plain_pytorch_loop(ray_cluster, smo
     ("std_cot", "sample", {"8x1x1": (8, 1), "4x1x2": (4, 2)}),
     ("cwt", "chunk", {"8x1x1": (8, 1), "4x2x1": (4, 1), "4x1x2": (4, 2)}),
 ])
-def test_loss_invariant_to_micro_batch_accumulation_and_workers(ray_cluster, smoke_cfg, method, normalizer, layouts):
+def test_loss_invariant_to_micro_batch_accumulation_and_workers(ray_cluster, smoke_cfg, run_shared, method,
+                                                               normalizer, layouts):
     """batch 8 x accumulation 1 x 1 worker == 4 x 2 x 1 == 4 x 1 x 2: the normaliser is per optimizer step.
-    The cwt case uses the single-pass schedule, whose samples hold several chunks each."""
+    The cwt case uses the single-pass schedule, whose samples hold several chunks each. (Std-CoT's
+    4 x 2 x 1 token run is the smoke default for 3 steps, shared with the K=1 test.)"""
     curves = {}
     for label, (micro, workers) in layouts.items():
         cfg = smoke_cfg(f"name=inv-{normalizer}-{label}", f"methods=[{method}]", "train.max_steps=3",
                         "train.batch_size=8", f"train.micro_batch_size={micro}", f"train.num_workers={workers}",
-                        f"train.loss_normalizer={normalizer}", "train.cwt_schedule=single_pass")
-        run_stages(cfg, stages=("data", "chunk", "train"))
+                        f"train.loss_normalizer={normalizer}",
+                        *(["train.cwt_schedule=single_pass"] if method == "cwt" else []))
+        run_shared(cfg, stages=("data", "chunk", "train"))
         curves[label] = _losses(cfg.run_dir, method)
     reference = curves.pop("8x1x1")
     assert len(reference) == 3
     for label, curve in curves.items():
         assert curve == pytest.approx(reference, rel=1e-5), label
 
-def test_killed_worker_resumes_from_checkpoint_with_the_same_losses(ray_cluster, smoke_cfg):
+# The uninterrupted reference of the two kill tests below (trained once, by whichever runs first):
+# 32 samples / 8 = 4 steps an epoch, 12 steps on 2 workers; checkpoints every 3 steps and at epoch ends.
+KILL_COMMON = ["methods=[std_cot]", "train.max_steps=null", "train.epochs=3", "train.num_workers=2",
+               "train.micro_batch_size=4", "train.checkpoint_every=3", "train.keep_checkpoints=3"]
+
+
+def test_killed_worker_resumes_from_checkpoint_with_the_same_losses(ray_cluster, smoke_cfg, run_shared):
     """SIGKILL rank 0 of 2 workers mid-run: Ray Train restarts the group from the last step
     checkpoint (model, optimizer, scheduler, RNG; the data position is the step), and the run ends
     with the same steps and the same loss curve as an uninterrupted one; no checkpoint is lost."""
-    # 32 samples / 8 = 4 steps an epoch, 12 steps; checkpoints every 3 steps and at epoch ends.
     # Ray Train registers a reported checkpoint when it next polls the workers, so the kill comes
     # a few steps after one (step 9 is checkpointed; rank 0 dies before step 12).
-    common = ["methods=[std_cot]", "train.max_steps=null", "train.epochs=3", "train.num_workers=2",
-              "train.micro_batch_size=4", "train.checkpoint_every=3", "train.keep_checkpoints=3"]
-    clean = smoke_cfg("name=clean", *common)
-    run_stages(clean, stages=("data", "train"))
-    killed = smoke_cfg("name=killed", *common, "debug.kill_at_step=12")
+    clean = smoke_cfg("name=clean", *KILL_COMMON)
+    run_shared(clean, stages=("data", "train"))
+    killed = smoke_cfg("name=killed", *KILL_COMMON, "debug.kill_at_step=12")
     run_stages(killed, stages=("data", "train"))
     reference = _losses(clean.run_dir, "std_cot")
     assert len(reference) == 12
@@ -156,11 +188,8 @@ def test_killed_worker_resumes_from_checkpoint_with_the_same_losses(ray_cluster,
     assert set(log[-1]["loss_by_kind"]) == {"rationale"} and log[-1]["peak_memory_gb"] > 0
 
 
-@pytest.mark.parametrize("heuristic", ["semantic", "sbc"])
-def test_chunk_stage_on_ray_data_writes_chunks_summary_view_and_rejects(ray_cluster, smoke_cfg, heuristic):
-    cfg = smoke_cfg(f"name=chunk-{heuristic}", f"chunk.heuristic={heuristic}", "chunk.batch_size=8")
-    run_stages(cfg, stages=("data", "chunk"))
-    out = cfg.run_dir / "chunks" / "train"
+def _check_chunk_stage(cfg, out, heuristic):
+    """What every chunk stage writes: summary counts that add up, lossless chunks, rejects, view."""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heuristic"] == heuristic
     assert summary["rows_in"] == summary["chunked"] + summary["rejected"] == 32
@@ -177,39 +206,11 @@ def test_chunk_stage_on_ray_data_writes_chunks_summary_view_and_rejects(ray_clus
         assert all(len(c["boundary_scores"]) == c["num_chunks"] - 1 for c in chunks)
 
 
-def test_stt_end_to_end_cwt_skip_data_stt_and_skip_aware_eval(ray_cluster, smoke_cfg, capsys):
-    """CWT -> skip data (NLL gate, every middle chunk passes a 100-nat threshold) -> STT ->
-    skip-aware evaluation, through real Ray; then an inference-only knob redoes only eval/stt."""
-    from cwt_ray.cli import main
-    from cwt_ray.skip import STATUSES
-
-    overrides = ["name=stt", "methods=[std_cot,cwt,stt]", "stt.threshold=100", "stt.require_correct=false",
-                 "eval.latency_questions=2"]
-    cfg = smoke_cfg(*overrides)
-    report = run_stages(cfg)
-    run_dir = cfg.run_dir
-    summary = json.loads((run_dir / "skips" / "train" / "summary.json").read_text())
-    assert summary["rationales_in"] == summary["rationales_out"] == sum(summary[s] for s in STATUSES) == 32
-    assert summary["skipped"] > 0 and summary["chunks_skipped"] == summary["skippable_chunks"]
-    skips = pq.read_table(run_dir / "skips" / "train" / "skips.parquet").to_pylist()
-    assert all(r["skip_sets"] == [[2]] for r in skips if r["num_chunks"] == 3)   # K=3: only chunk 2 is middle
-    info = json.loads((run_dir / "students" / "stt" / "cwt_student.json").read_text())
-    assert info["method"] == "stt" and info["skip_style"] == "marker"
-    ev = json.loads((run_dir / "evals" / "stt" / "metrics.json").read_text())
-    assert ev["n"] == 8 and ev["latency_n"] == 2 and ev["latency_batch_size"] == 1 and "skipped_per_answer" in ev
-    assert len(pq.read_table(run_dir / "evals" / "stt" / "latency.parquet")) == 2
-    text = report.read_text()
-    assert "| STT |" in text and "## Skip data (STT)" in text and "batch-1 latency" in text
-
-    capsys.readouterr()
-    run_stages(smoke_cfg(*overrides, "stt.skip_confidence=0.5"))
-    out = capsys.readouterr().out
-    assert "[skip] up to date" in out and "[train stt] up to date" in out
-    assert "[eval cwt] up to date" in out and "[eval stt] up to date" not in out
-
-    assert main(["generate", str(run_dir / "students" / "stt"), "Tom has 3 apples. How many?",
-                 "--max-new-tokens", "8", "--skip-confidence", "0.5"]) == 0
-    assert "answer:" in capsys.readouterr().out
+def test_chunk_stage_on_ray_data_writes_chunks_summary_view_and_rejects(ray_cluster, smoke_cfg):
+    """Semantic chunking here; search-based chunking's stage is checked by the SBC re-run test."""
+    cfg = smoke_cfg("name=chunk-semantic", "chunk.heuristic=semantic", "chunk.batch_size=8")
+    run_stages(cfg, stages=("data", "chunk"))
+    _check_chunk_stage(cfg, cfg.run_dir / "chunks" / "train", "semantic")
 
 
 def test_lora_trains_adapters_saves_a_plain_student_and_resumes(ray_cluster, smoke_cfg, tiny_student):
@@ -240,6 +241,7 @@ def test_sbc_reruns_during_training_with_the_current_student(ray_cluster, smoke_
                     "chunk.sbc_max_passes=1", "train.max_steps=null", "train.epochs=2", "train.num_workers=2",
                     "train.micro_batch_size=4", "train.batch_size=16")
     run_stages(cfg, stages=("data", "chunk", "train"))
+    _check_chunk_stage(cfg, cfg.run_dir / "chunks" / "train", "sbc")   # the chunk stage's search
     out = cfg.run_dir / "chunks" / "train-epoch1"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows_in"] == summary["chunked"] + summary["rejected"] == 32
@@ -251,24 +253,27 @@ def test_sbc_reruns_during_training_with_the_current_student(ray_cluster, smoke_
     assert metrics["steps"] == 2 * (samples_per_epoch // 16)
 
 
-def test_fsdp_on_two_workers_trains_like_one_ddp_worker_and_saves_a_full_student(ray_cluster, smoke_cfg, tiny_student):
+def test_fsdp_on_two_workers_trains_like_one_ddp_worker_and_saves_a_full_student(ray_cluster, smoke_cfg, tiny_student,
+                                                                                  run_shared):
     """train.strategy=fsdp (FSDP2 over gloo on CPU): the same loss curve as one unsharded worker,
     a resumable checkpoint, and a final student folder with every weight."""
     from transformers import AutoModelForCausalLM
 
-    common = ["methods=[cwt]", "train.max_steps=5", "train.checkpoint_every=2"]
-    ddp = smoke_cfg("name=ddp1", *common, "train.micro_batch_size=8")
-    run_stages(ddp, stages=("data", "chunk", "train"))
-    fsdp = smoke_cfg("name=fsdp2", *common, "train.micro_batch_size=4", "train.num_workers=2", "train.strategy=fsdp",
-                     "debug.kill_at_step=5")
-    run_stages(fsdp, stages=("data", "chunk", "train"))
+    # The reference is the plain-loop test's run (same config: trained once, by whichever runs first).
+    # A checkpoint every step: Ray Train registers one only at its next poll, and the kill before
+    # step 4 must find one (a restart without a checkpoint would be killed again).
+    ddp = smoke_cfg("name=ddp1", "methods=[cwt]", "train.max_steps=4", "train.micro_batch_size=4")
+    run_shared(ddp, stages=("data", "chunk", "train"))
+    fsdp = smoke_cfg("name=fsdp2", "methods=[cwt]", "train.max_steps=4", "train.checkpoint_every=1",
+                     "train.micro_batch_size=4", "train.num_workers=2", "train.strategy=fsdp", "debug.kill_at_step=4")
+    run_shared(fsdp, stages=("data", "chunk", "train"))
     assert _losses(fsdp.run_dir, "cwt") == pytest.approx(_losses(ddp.run_dir, "cwt"), rel=1e-4)
     saved = AutoModelForCausalLM.from_pretrained(fsdp.run_dir / "students" / "cwt").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_student).state_dict()
     assert saved.keys() == base.keys() and all(saved[k].shape == base[k].shape for k in base)
 
 
-def test_rerunning_a_killed_command_resumes_from_its_checkpoint(ray_cluster, smoke_cfg, tmp_path):
+def test_rerunning_a_killed_command_resumes_from_its_checkpoint(ray_cluster, smoke_cfg, run_shared, tmp_path):
     """SIGKILL the whole `cwt-ray train` process group (driver, embedded Ray, workers) after a
     step checkpoint; the same command again resumes from it, and the loss curve is the
     uninterrupted one."""
@@ -278,9 +283,9 @@ def test_rerunning_a_killed_command_resumes_from_its_checkpoint(ray_cluster, smo
     import sys
     import time
 
-    common = ["methods=[std_cot]", "train.max_steps=null", "train.epochs=3", "train.checkpoint_every=2"]
+    common = KILL_COMMON
     clean = smoke_cfg("name=clean-rerun", *common)
-    run_stages(clean, stages=("data", "train"))
+    run_shared(clean, stages=("data", "train"))
     cmd = [sys.executable, "-m", "cwt_ray.cli", "train", "configs/smoke.yaml", f"storage_path={tmp_path}",
            "name=rerun", *common]
     run_stages(smoke_cfg("name=rerun", *common), stages=("data",))

@@ -9,7 +9,7 @@ import yaml
 from cwt_ray.config import UserError, load_config
 from cwt_ray.sweep import SweepConfig, choose, load_sweep, pareto_front, plan_concurrency, trial_demand
 
-from conftest import ROOT
+from conftest import ROOT, seed_stages
 
 SMOKE_SWEEP = ROOT / "configs" / "sweep_smoke.yaml"
 
@@ -125,24 +125,25 @@ def test_pareto_front_and_choice():
 
 @pytest.mark.slow
 def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(ray_cluster, tmp_path, capsys):
-    """4 trials through real Ray Tune + Optuna on the tiny student: SIGINT (as Ctrl-C) after 2
-    trials, the same command again finishes the other 2 without redoing any, with the sampler's
-    state restored; then the report, and best_config.yaml through `cwt-ray run`."""
+    """3 trials (the smoke sweep's 4, one fewer to save a fit) through real Ray Tune + Optuna on the
+    tiny student: SIGINT (as Ctrl-C) after 2 trials, the same command again finishes the third (the
+    first one Optuna's TPE samples) without redoing any, with the sampler's state restored; then
+    the report, and best_config.yaml through `cwt-ray run`."""
     import pickle
 
     from cwt_ray.cli import main
     from cwt_ray.pipeline import run_stages
 
-    args = ["sweep", str(SMOKE_SWEEP), f"storage_path={tmp_path}"]
+    args = ["sweep", str(SMOKE_SWEEP), f"storage_path={tmp_path}", "num_samples=3"]
     assert main(args + ["debug.stop_after_trials=2"]) == 130
     first = capsys.readouterr().out
     first_ids = [line.split()[3] for line in first.splitlines() if line.startswith("[sweep] trial ")]
-    assert len(first_ids) == 2 and "interrupted after 2/4 trials" in first
+    assert len(first_ids) == 2 and "interrupted after 2/3 trials" in first
 
     assert main(args) == 0
     second = capsys.readouterr().out
     second_ids = [line.split()[3] for line in second.splitlines() if line.startswith("[sweep] trial ")]
-    assert "resuming" in second and len(second_ids) == 2 and not set(second_ids) & set(first_ids)
+    assert "resuming" in second and len(second_ids) == 1 and not set(second_ids) & set(first_ids)
     for out in (first, second):   # one line per trial, no Tune status table
         assert "Trial name" not in out and "│" not in out and "╭" not in out
 
@@ -153,10 +154,10 @@ def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(ray_cluster
     for trial_id in first_ids:   # trained once: the resumed run did not redo it
         assert (sweep_dir / "trials" / trial_id / "console.log").read_text().count("[train cwt] done") == 1
     assert all("data" in r["metrics"]["reused"] for r in rows[1:])   # shared splits, not regenerated
-    # ray#30861: the restored searcher is our OptunaSearch, and its study holds all 4 trials.
+    # ray#30861: the restored searcher is our OptunaSearch, and its study holds all 3 trials.
     state_file = max((sweep_dir / "tune").glob("searcher-state-*.pkl"))   # named by session start time
     study = pickle.loads(state_file.read_bytes())["_ot_study"]
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
 
     report = (sweep_dir / "report.md").read_text()
     for section in ("evaluated once on the test split", "Accuracy vs tokens generated", "Optimisation history",
@@ -172,7 +173,11 @@ def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(ray_cluster
     chosen = next(r for r in rows if f"Best trial {r['trial_id']}" in (sweep_dir / "best_config.yaml").read_text())
     assert best.eval.split == "test" and best.chunk.num_chunks == chosen["params"]["chunk.num_chunks"]
     assert best.train.lr == pytest.approx(chosen["params"]["train.lr"])
+    # best_config.yaml is the chosen trial's config: its data, chunks and training are that trial's
+    # (same fingerprints, so they are reused, not redone); `cwt-ray run` evaluates and reports.
+    assert seed_stages(best, sweep_dir / "trials" / chosen["trial_id"]) == ["data", "chunk", "train/cwt"]
     assert run_stages(best).name == "report.md"
+    assert "[train cwt] up to date" in capsys.readouterr().out
 
 
 def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(tmp_path):
