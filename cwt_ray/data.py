@@ -109,72 +109,20 @@ class KeySet:
         return sum(len(r) for r in self.runs)
 
 
-class TokenCounter:
-    """Exact student-token counts of many texts, several times faster than encoding them.
-
-    A Hugging Face tokenizer normalises the text, cuts it into pre-tokens (words with their leading
-    space, runs of digits, ...) and runs its model (BPE, ...) on each pre-token on its own, so a
-    text's token count is the sum of its pre-tokens' counts. Natural-language data repeats a small
-    vocabulary of words, so after the first batches nearly every pre-token's count is a dict hit,
-    and only the pre-tokenizer (Rust) runs per text. A text that contains an added token's
-    content (`<|im_start|>`, ...), which the tokenizer matches before pre-tokenizing, is encoded
-    whole; so is everything when the tokenizer's model is stochastic (BPE dropout).
-    `tests/test_data.py` checks the counts against full encodings, text by text."""
-
-    def __init__(self, tokenizer):
-        import re
-
-        self.tok = tokenizer   # a `tokenizers.Tokenizer` (a fast tokenizer's backend_tokenizer)
-        self.cache: dict[str, int] = {}
-        added = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.content), key=len,
-                       reverse=True)
-        self.added = re.compile("|".join(map(re.escape, added))) if added else None
-        self.by_piece = tokenizer.pre_tokenizer is not None and not getattr(tokenizer.model, "dropout", None)
-
-    MAX_CACHED = 200_000   # pieces (~20 MB): bounded, whatever the size of the data
-
-    def _piece_count(self, piece: str) -> int:
-        n = len(self.tok.model.tokenize(piece))
-        if len(self.cache) < self.MAX_CACHED:
-            self.cache[piece] = n
-        return n
-
-    def counts(self, texts: list[str]) -> list[int]:
-        if not self.by_piece:
-            return [len(e.ids) for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
-        out, whole = [], []
-        normalizer, pre, cache = self.tok.normalizer, self.tok.pre_tokenizer, self.cache
-        for i, text in enumerate(texts):
-            norm = normalizer.normalize_str(text) if normalizer is not None else text
-            if self.added is not None and (self.added.search(text) or self.added.search(norm)):
-                whole.append(i)
-                out.append(0)
-                continue
-            n = 0
-            for piece, _ in pre.pre_tokenize_str(norm):
-                c = cache.get(piece)
-                n += c if c is not None else self._piece_count(piece)
-            out.append(n)
-        if whole:
-            for i, enc in zip(whole, self.tok.encode_batch_fast([texts[i] for i in whole], add_special_tokens=False)):
-                out[i] = len(enc.ids)
-        return out
+_TOKENIZERS: dict[str, object] = {}
 
 
-_COUNTERS: dict[str, TokenCounter] = {}
-
-
-def token_counter(student: dict) -> TokenCounter:
-    """The student's TokenCounter, loaded once per process (a Ray worker runs many shard tasks)
-    and only when a rationale could be too long."""
+def student_tokenizer(student: dict):
+    """The student's Rust tokenizer, loaded once per process (a Ray worker runs many shard tasks,
+    and a transformers load costs ~0.5 s) and only when a rationale could be too long."""
     key = json.dumps(student, sort_keys=True)
-    if key not in _COUNTERS:
+    if key not in _TOKENIZERS:
         from .config import StudentConfig
         from .student import load_tokenizer, resolve_student
 
         cfg = StudentConfig(**student)
-        _COUNTERS[key] = TokenCounter(load_tokenizer(resolve_student(cfg), cfg.trust_remote_code).backend_tokenizer)
-    return _COUNTERS[key]
+        _TOKENIZERS[key] = load_tokenizer(resolve_student(cfg), cfg.trust_remote_code).backend_tokenizer
+    return _TOKENIZERS[key]
 
 
 class Validator:
@@ -192,15 +140,22 @@ class Validator:
         self.extractor = get_extractor(self.task["answer_type"], self.task["answer_template"])
 
     def _limit_length(self, recs: list[dict]) -> list[dict | Bad]:
-        counter = token_counter(self.student)
+        # One batch call into the Rust tokenizer, without offsets (they halve its speed); a
+        # rationale to truncate is encoded again with them. Counting per pre-token with a cache
+        # was tried: 1.04-1.19x, the pre-tokenizer's regex is most of the cost (results.md).
+        tok = student_tokenizer(self.student)
+        texts = [r["rationale"] for r in recs]
+        encs = tok.encode_batch_fast(texts, add_special_tokens=False) if hasattr(tok, "encode_batch_fast") else \
+            tok.encode_batch(texts, add_special_tokens=False)
         out = []
-        for rec, n in zip(recs, counter.counts([r["rationale"] for r in recs])):
+        for rec, enc in zip(recs, encs):
+            n = len(enc.ids)
             if n <= self.max_tokens:
                 out.append(rec)
             elif not self.truncate:
                 out.append(Bad("too_long", f"rationale has {n} tokens, more than {self.max_tokens}"))
-            else:   # offsets only here: they halve the Rust tokenizer's speed
-                enc = counter.tok.encode(rec["rationale"], add_special_tokens=False)
+            else:
+                enc = tok.encode(rec["rationale"], add_special_tokens=False)
                 end = enc.offsets[self.max_tokens - 1][1]
                 out.append({**rec, "rationale": rec["rationale"][:end].rstrip(), "truncated": True})
         return out

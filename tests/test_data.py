@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cwt_ray.config import UserError, load_config
-from cwt_ray.data import KeySet, TokenCounter, hash_split, split_gsm_cot, write_splits
+from cwt_ray.data import KeySet, hash_split, split_gsm_cot, write_splits
 
 
 def test_split_gsm_cot():
@@ -26,26 +26,6 @@ def test_key_set_keeps_first_occurrences_across_batches():
         ks.add_new(np.arange(start + 10, start + 110, dtype=np.uint64))
     assert ks.add_new(np.array([3, 50, 2000], dtype=np.uint64)).tolist() == [False, False, True]
     assert len(ks) == 3 + 1000 + 1 and ks.nbytes == 8 * len(ks) and len(ks.runs) < 6
-
-
-def test_token_counter_counts_exactly_what_the_tokenizer_encodes(tokenizer):
-    """The length check counts tokens per pre-token (cached); it must agree with full encodings,
-    text by text: words, digits, whitespace runs, non-ASCII, emoji, newlines, special tokens."""
-    import random
-
-    backend = tokenizer.backend_tokenizer
-    rng = random.Random(0)
-    pieces = ["the", " apples", "Tom", "12", "345678", "3.5", "$", "  ", "\n", "\n\n", "\t", "naïve", "größer", "日本語",
-              "😀", "--", "<|im_start|>", "<|endoftext|>", "<", "|>", "'s", "can't", "x" * 40, "=", "+"]
-    texts = ["".join(rng.choices(pieces, k=rng.randint(0, 80))) for _ in range(300)]
-    texts += ["", " ", "So the answer is 7.", "a" * 3000, "<|im_start|>assistant\n1 + 1 = 2<|im_end|>"]
-    expected = [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
-    counter = TokenCounter(backend)
-    assert counter.by_piece and counter.counts(texts) == expected
-    assert counter.counts(texts) == expected   # again, now from the cache
-    capped = TokenCounter(backend)
-    capped.MAX_CACHED = 0                       # past the cap: counted, not stored
-    assert capped.counts(texts[:50]) == expected[:50] and not capped.cache
 
 
 def test_hash_split_follows_the_fractions():
