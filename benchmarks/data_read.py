@@ -89,6 +89,7 @@ def main() -> None:
     generate(data, args.rows)
 
     import psutil
+    import pyarrow as pa
     import ray
 
     from cwt_ray.config import load_config
@@ -125,8 +126,7 @@ def main() -> None:
               **{f"peak_{k}_mb": round(v / 2**20) for k, v in peak.items()}, "id_hash_bytes": total["id_hash_bytes"],
               "bytes_per_id": round(total["id_hash_bytes"] / max(1, total["unique_ids"]), 2),
               "max_length": args.max_length, "shard_mb": args.shard_mb, "cpus": psutil.cpu_count(),
-              "arrow_memory_pool": os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "system (data.system_arrow_pool)"),
-              **check}
+              "arrow_memory_pool": pa.default_memory_pool().backend_name, **check}
     for k, v in result.items():
         print(f"{k:>20}  {v}")
     print(json.dumps(result))

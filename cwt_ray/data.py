@@ -13,10 +13,8 @@ apart from those hashes.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -336,32 +334,9 @@ def _reject_table(t: pa.Table) -> pa.Table:
     return t.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
 
 
-@contextlib.contextmanager
-def system_arrow_pool():
-    """Arrow allocations in this block use the C library's allocator, unless the user chose one
-    (ARROW_DEFAULT_MEMORY_POOL). With Arrow's default mimalloc pool the driver's private memory
-    grew by ~100 MiB over a million-row data stage, most of it freed pages kept by the allocator;
-    with the system pool by ~24 MiB, at the same speed (results.md, `benchmarks/data_read.py`).
-    Buffers made before or after keep their own pool."""
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        yield
-        return
-    before = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())
-    try:
-        yield
-    finally:
-        pa.set_memory_pool(before)
-
-
 def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
     """Read, validate and split the configured data into data_dir (train/validation/test.parquet,
     rejects.parquet, summary.json). Returns the summary."""
-    with system_arrow_pool():
-        return _write_splits(cfg, data_dir)
-
-
-def _write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
     dumped = cfg.model_dump(mode="json")
     batches = _file_batches(cfg, dumped) if cfg.data.source == "files" else _gsm_symbolic_batches(cfg, dumped)
     tmp = data_dir.with_name(data_dir.name + ".tmp")
