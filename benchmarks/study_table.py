@@ -79,8 +79,12 @@ def summarise(variants: dict, n_boot: int, seed: int) -> list[dict]:
             row["accuracy_seed_std"] = statistics.stdev(accs) if len(accs) > 1 else None
             row["accuracy_ci95"] = bootstrap_ci([r["correct"] for r in done], n_boot, rng)
             row["n_questions"] = done[0]["eval"]["n"]
-            for k in ("complete", "tokens_generated", "skipped_per_answer", "batched_questions_per_s"):
-                row[k] = statistics.mean(r["eval"][k] for r in done)
+            for k in ("complete", "tokens_generated", "skipped_per_answer", "batched_questions_per_s", "latency_s"):
+                vals = [r["eval"][k] for r in done if r["eval"].get(k) is not None]
+                row[k] = statistics.mean(vals) if vals else None
+            # How the speed columns were measured: named, since they mean nothing without it.
+            row["generation"] = sorted({(r["eval"]["backend"], r["eval"]["batch_size"], r["eval"]["max_new_tokens"],
+                                         r["eval"].get("latency_n", 0)) for r in done})
         if trained:
             for k in ("train_time_s", "processed_tokens", "supervised_tokens", "processed_per_supervised_token",
                       "real_token_ratio", "steps", "final_loss"):
@@ -107,9 +111,10 @@ def markdown(rows: list[dict]) -> str:
     def f(row, k, fmt, scale=1.0):
         return format(row[k] * scale, fmt) if row.get(k) is not None else "-"
 
-    out = ["| variant | seeds | accuracy % [95% CI] | vs Std-CoT, points [95% CI] | complete % | tokens/answer | train s | processed M tok | "
+    out = ["| variant | seeds | accuracy % [95% CI] | vs Std-CoT, points [95% CI] | complete % | tokens/answer | "
+           "stages skipped/answer | batch-1 latency s | batched questions/s | train s | processed M tok | "
            "supervised M tok | processed/supervised | real-token ratio | status |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-"
         if "accuracy" in r:
@@ -121,9 +126,15 @@ def markdown(rows: list[dict]) -> str:
             lo, hi = r["accuracy_minus_std_cot_ci95"]
             diff = f"{100 * r['accuracy_minus_std_cot']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         out.append(f"| {r['variant']} | {r['seeds_evaluated']} | {acc} | {diff} | {f(r, 'complete', '.1f', 100)} | "
-                   f"{f(r, 'tokens_generated', '.1f')} | {f(r, 'train_time_s', '.0f')} | {f(r, 'processed_tokens', '.2f', 1e-6)} | "
+                   f"{f(r, 'tokens_generated', '.1f')} | {f(r, 'skipped_per_answer', '.2f')} | {f(r, 'latency_s', '.2f')} | "
+                   f"{f(r, 'batched_questions_per_s', '.2f')} | {f(r, 'train_time_s', '.0f')} | {f(r, 'processed_tokens', '.2f', 1e-6)} | "
                    f"{f(r, 'supervised_tokens', '.2f', 1e-6)} | {f(r, 'processed_per_supervised_token', '.2f')} | "
                    f"{f(r, 'real_token_ratio', '.3f')} | {r['status']} |")
+    gens = sorted({g for r in rows for g in r.get("generation", [])})
+    if gens:
+        out.append("")
+        out.append("Generation (greedy): " + "; ".join(
+            f"{backend}, batch {bs}, max_new_tokens {mnt}, batch-1 latency over {n} questions" for backend, bs, mnt, n in gens))
     return "\n".join(out)
 
 

@@ -1,0 +1,58 @@
+"""The study table (benchmarks/study_table.py) is how issue 9's numbers reach the docs: check it
+on the GPU study's published run directories against the per-question records themselves."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "docs" / "results" / "gpu-h200-2026-11-26"
+
+
+@pytest.fixture(scope="module")
+def study_table():
+    spec = importlib.util.spec_from_file_location("study_table", ROOT / "benchmarks" / "study_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def correct(run: str, method: str) -> dict:
+    rows = pq.read_table(STUDY / run / "evals" / method / "records", columns=["id", "correct"]).to_pylist()
+    return {r["id"]: bool(r["correct"]) for r in rows}
+
+
+def test_study_table_agrees_with_the_records(study_table, capsys):
+    runs = sorted(STUDY.glob("gpu-*"))
+    rows = {r["variant"]: r for r in study_table.summarise(study_table.collect(runs), n_boot=500, seed=0)}
+    std, single = correct("gpu-std-cot", "std_cot"), correct("gpu-cwt-single-pass", "cwt")
+
+    # Accuracy is the records' mean, inside its own bootstrap interval.
+    assert rows["Std-CoT"]["accuracy"] == pytest.approx(sum(std.values()) / len(std))
+    lo, hi = rows["Std-CoT"]["accuracy_ci95"]
+    assert lo < rows["Std-CoT"]["accuracy"] < hi
+    # The paired difference is over the questions both answered.
+    shared = set(std) & set(single)
+    diff = sum(single[i] - std[i] for i in shared) / len(shared)
+    assert rows["CWT average single-pass"]["accuracy_minus_std_cot"] == pytest.approx(diff)
+    lo, hi = rows["CWT average single-pass"]["accuracy_minus_std_cot_ci95"]
+    assert lo <= diff <= hi
+    # Variants that did not finish are listed with their status, not dropped.
+    assert rows["CWT average"]["status"] == "trained, not evaluated"
+    assert rows["STT on CWT average"]["status"] == "not trained"
+    # The speed columns name how they were measured.
+    assert rows["Std-CoT"]["generation"] == [("hf-generate", 250, 320, 0)]
+
+    argv, sys.argv = sys.argv, ["study_table.py", *map(str, runs), "--bootstrap", "200"]
+    try:
+        assert study_table.main() == 0
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("| variant |") and "batch-1 latency s" in out[0]
+    assert json.loads(out[-1])["benchmark"] == "study_table"
