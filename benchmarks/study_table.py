@@ -24,13 +24,20 @@ import yaml
 ORDER = ("std_cot", "cwt", "stt")
 
 
+# The study protocol's value of settings that a run may change to test a hypothesis (e.g. why
+# Std-CoT trails the reference): a run that differs here is its own variant, never "another seed".
+PROTOCOL = {("train", "bucket_factor"): 16, ("train", "max_grad_norm"): 1.0,
+            ("prompt", "template"): "Question: {question}\nAnswer:\n"}
+
+
 def variant(cfg: dict, method: str) -> str:
     chunk = (cfg.get("chunk") or {}).get("heuristic", "average")
-    if method == "std_cot":
-        return "Std-CoT"
     schedule = (cfg.get("train") or {}).get("cwt_schedule", "shuffle")
     label = f"CWT {chunk}" + (" single-pass" if schedule == "single_pass" else "")
-    return label if method == "cwt" else f"STT on {label}"
+    label = {"std_cot": "Std-CoT", "cwt": label}.get(method, f"STT on {label}")
+    changed = [f"{key}={json.dumps(cfg[section][key])}" for (section, key), value in PROTOCOL.items()
+               if key in (cfg.get(section) or {}) and cfg[section][key] != value]
+    return label + (f" ({', '.join(changed)})" if changed else "")
 
 
 def collect(run_dirs: list[Path]) -> dict:

@@ -56,3 +56,12 @@ def test_study_table_agrees_with_the_records(study_table, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("| variant |") and "batch-1 latency s" in out[0]
     assert json.loads(out[-1])["benchmark"] == "study_table"
+
+
+def test_a_run_that_changes_a_protocol_setting_is_its_own_variant(study_table):
+    cfg = {"train": {"bucket_factor": 16, "seed": 1}, "prompt": {"template": "Question: {question}\nAnswer:\n"}}
+    assert study_table.variant(cfg, "std_cot") == "Std-CoT"   # another seed: the same variant
+    cfg["train"]["bucket_factor"] = 0
+    cfg["prompt"]["template"] = "Question: {question}\nAnswer:"
+    assert study_table.variant(cfg, "std_cot") == 'Std-CoT (bucket_factor=0, template="Question: {question}\\nAnswer:")'
+    assert study_table.variant({"chunk": {"heuristic": "semantic"}}, "stt") == "STT on CWT semantic"
