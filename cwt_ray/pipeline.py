@@ -81,9 +81,12 @@ def ray_session(cfg: ExperimentConfig):
     # None means: the cluster a job was submitted to (Ray sets RAY_ADDRESS), else a new embedded
     # one. Never "the last cluster `ray start` left on this machine", which ray.init(None) would join.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    runtime_env = {"env_vars": env_vars}
+    if address == "local" and not cfg.ray.include_dashboard:
+        runtime_env["worker_process_setup_hook"] = QUIET_WITHOUT_STATE_API
     ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None,
              include_dashboard=cfg.ray.include_dashboard, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env_vars}, logging_level="WARNING")
+             runtime_env=runtime_env, logging_level="WARNING")
     quiet_ray_data()
     try:
         yield
@@ -112,6 +115,20 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+QUIET_WITHOUT_STATE_API = "cwt_ray.pipeline.quiet_without_state_api"
+
+
+def quiet_without_state_api() -> None:
+    """Every worker's setup on an embedded cluster without the dashboard (e.g. the trimmed Ray
+    wheel on the GPU machine). Ray Train's placement-group cleaner asks the state API whether the
+    train controller lives, every second; without the dashboard that API is absent and it logs a
+    warning each time (and can never act: the controller removes its own group when it ends, and
+    an embedded cluster ends with the program)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def student_info(cfg: ExperimentConfig, method: str) -> dict:

@@ -96,3 +96,23 @@ def test_bad_data_and_teach_settings_name_the_key(overrides, needle):
 def test_old_jsonl_source_name_still_reads_files():
     cfg = load_config(QUICKSTART, ["data.source=jsonl", "data.train_path=a.jsonl", "data.test_path=b.jsonl"])
     assert cfg.data.source == "files" and cfg.data.train_path == "a.jsonl"
+
+
+def test_without_the_dashboard_workers_silence_ray_trains_state_api_poll():
+    """ray.include_dashboard: false (the trimmed GPU wheel) installs this hook in every worker by
+    its module path: it must import, and it must quiet the cleaner's once-a-second warning."""
+    import importlib
+    import logging
+
+    from cwt_ray.pipeline import QUIET_WITHOUT_STATE_API
+
+    module, name = QUIET_WITHOUT_STATE_API.rsplit(".", 1)
+    logger = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    level = logger.level
+    try:
+        getattr(importlib.import_module(module), name)()
+        assert not logger.isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(level)
+    # The logger name is Ray's module path: it must still exist in this Ray version.
+    assert importlib.util.find_spec("ray.train.v2._internal.execution.controller.placement_group_cleaner")
