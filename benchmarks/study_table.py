@@ -167,13 +167,13 @@ def plot(variants: dict, run_dirs: list[Path], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     runs = [r for r in args.runs if (r / "config.yaml").is_file()]
     if not runs:
         print("no run directories (with a config.yaml) given", file=sys.stderr)

@@ -118,6 +118,8 @@ def quiet_ray_data() -> None:
 
 
 QUIET_WITHOUT_STATE_API = "cwt_ray.pipeline.quiet_without_state_api"
+# Ray's module path, which is also its logger's name.
+RAY_TRAIN_PG_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def quiet_without_state_api() -> None:
@@ -128,7 +130,7 @@ def quiet_without_state_api() -> None:
     an embedded cluster ends with the program)."""
     import logging
 
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(RAY_TRAIN_PG_CLEANER).setLevel(logging.ERROR)
 
 
 def student_info(cfg: ExperimentConfig, method: str) -> dict:

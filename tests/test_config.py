@@ -104,10 +104,10 @@ def test_without_the_dashboard_workers_silence_ray_trains_state_api_poll():
     import importlib
     import logging
 
-    from cwt_ray.pipeline import QUIET_WITHOUT_STATE_API
+    from cwt_ray.pipeline import QUIET_WITHOUT_STATE_API, RAY_TRAIN_PG_CLEANER
 
     module, name = QUIET_WITHOUT_STATE_API.rsplit(".", 1)
-    logger = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    logger = logging.getLogger(RAY_TRAIN_PG_CLEANER)
     level = logger.level
     try:
         getattr(importlib.import_module(module), name)()
@@ -115,4 +115,4 @@ def test_without_the_dashboard_workers_silence_ray_trains_state_api_poll():
     finally:
         logger.setLevel(level)
     # The logger name is Ray's module path: it must still exist in this Ray version.
-    assert importlib.util.find_spec("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    assert importlib.util.find_spec(RAY_TRAIN_PG_CLEANER)

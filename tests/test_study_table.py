@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 STUDY = ROOT / "docs" / "results" / "gpu-h200-2026-11-26"
 
 
@@ -48,11 +47,7 @@ def test_study_table_agrees_with_the_records(study_table, capsys):
     # The speed columns name how they were measured.
     assert rows["Std-CoT"]["generation"] == [("hf-generate", 250, 320, 0)]
 
-    argv, sys.argv = sys.argv, ["study_table.py", *map(str, runs), "--bootstrap", "200"]
-    try:
-        assert study_table.main() == 0
-    finally:
-        sys.argv = argv
+    assert study_table.main([*map(str, runs), "--bootstrap", "200"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("| variant |") and "batch-1 latency s" in out[0]
     assert json.loads(out[-1])["benchmark"] == "study_table"
