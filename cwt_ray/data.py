@@ -71,10 +71,27 @@ def hash_split(record_id: str, fractions: dict[str, float]) -> str:
     return "test"
 
 
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Large numpy temporaries (the KeySet merges, up to 32 MiB) come from glibc's heap once its
+    dynamic mmap threshold has risen, and the holes they leave are kept by the process: without
+    this the driver's memory grew by ~40 MiB per million rows although its live data did not
+    (measured in docs/results.md, data stage benchmark). Dask's workers trim the same way."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to trim this way
+        pass
+
+
 class KeySet:
     """A set of uint64 hashes in sorted numpy runs (merged like a binary counter): 8 bytes per key
     held, batch membership by binary search. A 64-bit hash collision (about 3e-8 for a million
     ids) would reject one row as a duplicate."""
+
+    # Merges producing runs this long release the heap's free pages afterwards (see above).
+    TRIM_AFTER_KEYS = 1 << 20
 
     def __init__(self):
         self.runs: list[np.ndarray] = []
@@ -91,7 +108,19 @@ class KeySet:
             self.runs.append(np.unique(keys))
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
             last = self.runs.pop()
-            self.runs[-1] = np.unique(np.concatenate([self.runs[-1], last]))
+            self.runs[-1] = merged = self._merge(self.runs[-1], last)
+            if len(merged) >= self.TRIM_AFTER_KEYS:
+                release_free_heap()
+
+    @staticmethod
+    def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Union of two sorted unique runs. A stable sort of their concatenation is a single
+        merge of two runs (timsort), in place: ~1.6x the result's bytes at the peak, where
+        `np.unique(np.concatenate(...))` held ~4x (a sorted copy, a mask, the result)."""
+        out = np.concatenate([a, b])
+        out.sort(kind="stable")
+        dup = out[1:] == out[:-1]
+        return out[np.concatenate([[True], ~dup])] if dup.any() else out
 
     def add_new(self, keys: np.ndarray) -> np.ndarray:
         """Mask of the keys seen for the first time (earlier in this batch counts as seen); adds them."""
@@ -384,9 +413,12 @@ def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
     for split in ("validation", "test"):
         pending = tmp / f"{split}.pending.parquet"
         out = _Sink(tmp)
-        if pending.is_file() and pq.ParquetFile(pending).metadata.num_rows:
-            for rb in pq.ParquetFile(pending).iter_batches(batch_size=4096, use_threads=False):
-                part = pa.Table.from_batches([rb])
+        pending_file = pq.ParquetFile(pending) if pending.is_file() else None
+        if pending_file is not None and pending_file.metadata.num_rows:
+            # One row group at a time: each is one streamed part (at most a shard's rows), so this
+            # pass holds a bounded amount; `iter_batches` held ~30 MiB more per million rows.
+            for i in range(pending_file.num_row_groups):
+                part = pending_file.read_row_group(i, use_threads=False)
                 seen = train_questions.contains(part.column("q_key").to_numpy())
                 out.write(split, _record_table(part.filter(pa.array(~seen))))
                 if seen.any():
@@ -399,10 +431,12 @@ def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
                         "raw": pc.utf8_slice_codeunits(dup.column("question"), 0, 2000)}, schema=REJECT_SCHEMA))
                     counts[split]["rejected"] += n
                     kinds["in_train_split"] += n
+        pending_file = None
         pending.unlink()
         out.close(split, RECORD_SCHEMA)
+        release_free_heap()
     sink.close("rejects", REJECT_SCHEMA)
-    summary = _summary(cfg, tmp, counts, kinds, ids)
+    summary = _summary(cfg, tmp, counts, kinds, ids, train_questions)
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(data_dir, ignore_errors=True)
     tmp.rename(data_dir)   # a crash mid-way never leaves half a split under its final name
@@ -418,7 +452,8 @@ def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
     return summary
 
 
-def _summary(cfg: ExperimentConfig, folder: Path, counts: dict, kinds: Counter, ids: KeySet) -> dict:
+def _summary(cfg: ExperimentConfig, folder: Path, counts: dict, kinds: Counter, ids: KeySet,
+             train_questions: KeySet) -> dict:
     summary = {}
     for split in (*SPLITS, ""):
         c = counts[split]
@@ -435,6 +470,7 @@ def _summary(cfg: ExperimentConfig, folder: Path, counts: dict, kinds: Counter, 
         total["agreement_rejected"] = kinds.get("teacher_disagrees", 0)
     total["unique_ids"] = len(ids)
     total["id_hash_bytes"] = ids.nbytes
+    total["train_question_hash_bytes"] = train_questions.nbytes   # the evaluation-overlap check
     summary["all"] = total
     return summary
 
