@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import ExperimentConfig
 from .samples import IGNORE
-from .train import collate, epoch_steps, load_samples, lr_lambda, resolve_precision
+from .train import build_optimizer, collate, epoch_steps, load_samples, lr_lambda, resolve_precision
 
 
 def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path: Path, head: str = "full") -> list[dict]:
@@ -43,8 +43,7 @@ def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path:
     model = load_model(student_path).to(device)
     model.config.use_cache = False
     loss_module = SupervisedLoss(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(tcfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total))
     precision = resolve_precision(tcfg.precision, device, warn=False)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()

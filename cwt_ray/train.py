@@ -157,10 +157,10 @@ def normalised_loss(tok_loss, rows, groups, batch_rows: int, normalizer: str, st
 
 
 def _local(t):
-    """A sharded (DTensor) value as a plain tensor: the full value for a replicated norm, this
-    rank's shard for a gradient (each rank checks its own shard for non-finite values)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") and getattr(t, "placements", None) and \
-        all(p.is_replicate() for p in t.placements) else (t.to_local() if hasattr(t, "to_local") else t)
+    """The global value of a norm computed over sharded (DTensor) gradients: `full_tensor()`
+    reduces a partial norm over the ranks (a no-op for a replicated one), so every rank logs and
+    checks the same value."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def shard_fsdp(loss_module, lm):
@@ -185,6 +185,13 @@ def add_lora(model, lcfg):
     target = lcfg.target_modules
     return get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                             target_modules=target, task_type="CAUSAL_LM"))
+
+
+def build_optimizer(tcfg, model, device):
+    """AdamW over the trainable parameters (shared by Ray Train and the plain reference loop)."""
+    fused = tcfg.fused_adamw if tcfg.fused_adamw is not None else device.type == "cuda"
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
+                             weight_decay=tcfg.weight_decay, fused=fused)
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -395,9 +402,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss_module = torch.compile(loss_module)
         model = ray.train.torch.prepare_model(loss_module)   # DDP wraps the loss module
     # The optimizer is built on the (possibly sharded) parameters; its state follows them.
-    fused = tcfg.fused_adamw if tcfg.fused_adamw is not None else device.type == "cuda"
-    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=tcfg.lr,
-                                  weight_decay=tcfg.weight_decay, fused=fused)
+    optimizer = build_optimizer(tcfg, raw_model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     if "optimizer" in state:   # a resumed run (the final checkpoint keeps only its step)
         if fsdp:
@@ -504,9 +509,12 @@ def train_loop_per_worker(config: dict) -> None:
             local[3:3 + n_kinds] += torch.zeros(n_kinds, dtype=torch.float64, device=device).index_add(
                 0, tok_kinds, tok_loss.detach().double()).cpu()
             local[3 + n_kinds:] += torch.bincount(tok_kinds, minlength=n_kinds).double().cpu()
-        if not all(torch.isfinite(_local(p.grad)).all() for p in model.parameters() if p.grad is not None):
-            raise FloatingPointError(f"non-finite gradient at step {step + 1} ({method})")
         grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or float("inf")))
+        # Any non-finite gradient makes the total norm non-finite: one scalar to check, where a check
+        # per parameter read every gradient again and allocated a bool tensor as large (135 MB of
+        # fresh memory per step for SmolLM2). Nothing is stepped before the check.
+        if not torch.isfinite(grad_norm).all():
+            raise FloatingPointError(f"non-finite gradient at step {step + 1} ({method})")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

@@ -11,9 +11,9 @@ from cwt_ray.pipeline import run_stages
 pytestmark = pytest.mark.slow
 
 
-def _losses(run_dir, method):
+def _losses(run_dir, method, key="loss"):
     rows = (run_dir / "students" / method / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(r)["loss"] for r in rows]
+    return [json.loads(r)[key] for r in rows]
 
 
 def _read_events(folder) -> dict:
@@ -268,6 +268,8 @@ def test_fsdp_on_two_workers_trains_like_one_ddp_worker_and_saves_a_full_student
                      "train.micro_batch_size=4", "train.num_workers=2", "train.strategy=fsdp", "debug.kill_at_step=4")
     run_shared(fsdp, stages=("data", "chunk", "train"))
     assert _losses(fsdp.run_dir, "cwt") == pytest.approx(_losses(ddp.run_dir, "cwt"), rel=1e-4)
+    # the gradient norm over sharded gradients is the global one (reduced over ranks), not a shard's
+    assert _losses(fsdp.run_dir, "cwt", "grad_norm") == pytest.approx(_losses(ddp.run_dir, "cwt", "grad_norm"), rel=1e-4)
     saved = AutoModelForCausalLM.from_pretrained(fsdp.run_dir / "students" / "cwt").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_student).state_dict()
     assert saved.keys() == base.keys() and all(saved[k].shape == base[k].shape for k in base)
