@@ -51,7 +51,7 @@ def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path:
     rows, order, order_epoch = [], [], -1
     model.train()
     for step in range(total):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         epoch = step // steps_per_epoch
         if epoch != order_epoch:
             order, order_epoch = epoch_steps(samples, tcfg.batch_size, tcfg.seed, epoch, schedule, tcfg.bucket_factor), epoch
@@ -78,5 +78,6 @@ def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         rows.append({"step": step + 1, "loss": total_loss, "processed_tokens": processed,
-                     "supervised_tokens": step_tokens, "step_time_s": time.perf_counter() - t0})
+                     "supervised_tokens": step_tokens, "step_time_s": time.perf_counter() - t0,
+                     "step_cpu_s": time.process_time() - c0})
     return rows

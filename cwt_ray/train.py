@@ -474,7 +474,7 @@ def train_loop_per_worker(config: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if cfg.debug.sleep_per_step:
             time.sleep(cfg.debug.sleep_per_step)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         epoch = step // steps_per_epoch
         if sbc_every and epoch != order_epoch and epoch > 0 and epoch % sbc_every == 0 and step % steps_per_epoch == 0:
             chunks_dir = rechunk_with_student(cfg, run_dir, student_path, raw_model, epoch, rank, world)
@@ -521,12 +521,15 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
             torch.distributed.all_reduce(local)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         n_kinds = len(KIND_NAMES) + 1
         sums, counts = local[3:3 + n_kinds], local[3 + n_kinds:]
         row = {"step": step + 1, "epoch": round(step / steps_per_epoch, 4), "loss": float(local[0]), "lr": lr,
                "grad_norm": float(grad_norm), "supervised_tokens": step_tokens, "processed_tokens": int(local[1]),
                "computed_tokens": int(local[2]), "step_time_s": dt,
+               # CPU time of this whole process (every thread) in the step: against step_time_s, how
+               # much of the machine the step got (benchmarks/ray_overhead.py compares the loops)
+               "step_cpu_s": cpu,
                # mean token loss of each kind of target in this step (chunk stages, answer, skip, ...)
                "loss_by_kind": {name: float(sums[k] / counts[k]) for k, name in KIND_NAMES.items() if counts[k]}}
         if flops_peak:

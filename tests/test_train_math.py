@@ -1,4 +1,5 @@
 """The loss maths of train.py on the tiny model, in-process (no Ray): schedules, normalisers, batches."""
+import os
 import random
 
 import pytest
@@ -20,10 +21,10 @@ CHUNKS = {"r1": ["Tom starts with 3 apples.\n", "He buys 4 more.\n", "So 3 + 4 =
           "r2": ["One box holds 5 pens.\n", "Two boxes hold 2 * 5 = 10 pens."]}
 
 
-def _grads(model, samples, normalizer, pad_id):
+def _grads(model, samples, normalizer, pad_id, loss_module=None):
     model.zero_grad(set_to_none=True)
     ids, labels, groups, mask = collate(samples, pad_id)
-    tok_loss, rows, tok_groups = SupervisedLoss(model)(ids, mask, labels, groups)
+    tok_loss, rows, tok_groups = (SupervisedLoss(model) if loss_module is None else loss_module)(ids, mask, labels, groups)
     step = {"tokens": sum(s.supervised for s in samples), "samples": len(samples),
             "groups": sum(s.num_groups for s in samples)}
     loss = normalised_loss(tok_loss, rows, tok_groups, len(samples), normalizer, step)
@@ -125,3 +126,30 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively():
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu, warn=False) == "bf16"
     assert load_config(ROOT / "configs" / "quickstart.yaml").train.precision == "auto"
+
+
+@pytest.mark.slow
+def test_compiled_loss_module_gives_eager_loss_and_gradients(tiny_student, tokenizer):
+    """`train.compile`: the worker compiles `SupervisedLoss`. The compiled module must train the
+    same maths: loss and every gradient equal to eager's. Its supervised-position indexing has a
+    data-dependent shape, so this also proves the graph break there is handled. The suite uses
+    the `aot_eager` backend (Dynamo's capture and AOTAutograd's backward graphs, i.e. what our
+    module's code decides); `CWT_COMPILE_BACKEND=inductor` runs the training default, whose C++
+    kernel builds take ~55 s cold on 2 cores (passed by hand on 2026-12-04)."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    b = SampleBuilder(tokenizer, cfg)
+    torch.manual_seed(0)
+    model = load_model(tiny_student)
+    samples, _ = build_samples(b, "cwt", RECORDS, CHUNKS, "shuffle")
+    torch._dynamo.reset()
+    backend = os.environ.get("CWT_COMPILE_BACKEND", "aot_eager")
+    if backend == "inductor":
+        torch._inductor.config.compile_threads = 1   # no pool of compile workers to start on 2 cores
+    loss_e, grads_e = _grads(model, samples, "token", tokenizer.pad_token_id)
+    compiled = torch.compile(SupervisedLoss(model), backend=backend)
+    for _ in range(2):   # the second call runs the cached graphs
+        loss_c, grads_c = _grads(model, samples, "token", tokenizer.pad_token_id, compiled)
+        assert loss_c == pytest.approx(loss_e, rel=1e-5)
+        for ge, gc in zip(grads_e, grads_c):
+            torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # it did compile
