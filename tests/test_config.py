@@ -116,3 +116,22 @@ def test_without_the_dashboard_workers_silence_ray_trains_state_api_poll():
         logger.setLevel(level)
     # The logger name is Ray's module path: it must still exist in this Ray version.
     assert importlib.util.find_spec(RAY_TRAIN_PG_CLEANER)
+
+
+def test_embedded_cluster_runs_ray_train_without_the_preemption_watcher():
+    """An embedded cluster is one machine that no autoscaler drains: our job's env turns Ray Train's
+    preemption watcher off there, and only there (a cluster we join keeps it)."""
+    from ray.train.v2._internal import constants
+
+    from cwt_ray.pipeline import QUIET_WITHOUT_STATE_API, RAY_TRAIN_PREEMPTION_WATCHER, job_runtime_env
+
+    cfg = load_config(QUICKSTART)
+    local = job_runtime_env(cfg, "local")
+    assert local["env_vars"][RAY_TRAIN_PREEMPTION_WATCHER] == "0"
+    assert local["env_vars"]["HF_HUB_OFFLINE"] == "1" and "worker_process_setup_hook" not in local
+    joined = job_runtime_env(cfg, "ray://head:10001")
+    assert RAY_TRAIN_PREEMPTION_WATCHER not in joined["env_vars"]
+    no_dash = job_runtime_env(load_config(QUICKSTART, ["ray.include_dashboard=false"]), "local")
+    assert no_dash["worker_process_setup_hook"] == QUIET_WITHOUT_STATE_API
+    # Ray's name for the switch: a Ray upgrade that renames it must fail here, not go unnoticed.
+    assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR == RAY_TRAIN_PREEMPTION_WATCHER
