@@ -14,7 +14,7 @@ utime + stime of every process from /proc twice a second and sums them by role:
   driver        this process
   other         everything else (kernel threads, the VM's agent)
 
-    .venv/bin/python benchmarks/ray_overhead.py [--config configs/quickstart.yaml] [--steps 4] \
+    .venv/bin/python benchmarks/ray_overhead.py [--config configs/quickstart.yaml] [--steps 5] \
         [--idle 20] [--repeats 2] [override ...]
 
 Reports cores used (CPU seconds per wall second) per role and phase, the busiest processes, and a
@@ -72,7 +72,7 @@ class Sampler:
 
     def __init__(self, interval: float = 0.5):
         self.interval, self.per_pid, self.names = interval, defaultdict(int), {}
-        self._last, self._stop, self._thread = read_procs(), threading.Event(), None
+        self._last, self._stop, self._thread = {}, threading.Event(), None   # _last: read on __enter__
 
     def _sample(self) -> None:
         now = read_procs()
@@ -117,10 +117,11 @@ def role(pid: int, name: str, trainer_pids: set[int]) -> str:
 def summarise(s: Sampler, trainer_pids: set[int] = frozenset()) -> dict:
     by_role, by_name = defaultdict(float), defaultdict(float)
     for pid, ticks in s.per_pid.items():
-        name = s.names[pid]
-        by_role[role(pid, name, trainer_pids)] += ticks / TICK / s.wall
+        name, cores = s.names[pid], ticks / TICK / s.wall
+        r = role(pid, name, trainer_pids)
         short = name.split()[0].rsplit("/", 1)[-1] if not name.startswith("ray::") else name.split()[0]
-        by_name[f"{role(pid, name, trainer_pids)}:{short}"] += ticks / TICK / s.wall
+        by_role[r] += cores
+        by_name[f"{r}:{short}"] += cores
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
     return {"wall_s": round(s.wall, 1), "cores": {k: round(v, 4) for k, v in sorted(by_role.items())},
             "top": {k: round(v, 4) for k, v in top}}
