@@ -41,6 +41,8 @@ CHUNK_SCHEMA = pa.schema([
     ("candidates_scored", pa.int64()),            # sbc: boundary sets scored by the student
     ("note", pa.string()),
 ])
+PROGRESS_EVERY_S = 30.0
+_MAX_STAGE = 128   # > any chunk stage number (num_chunks <= 64, plus one more a split move may add)
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string())])
 
 # A sentence ends at . ! or ? followed by whitespace; '3.5' and '$2.50' are not sentence ends.
@@ -219,6 +221,9 @@ class Chunker:
             from .samples import SampleBuilder
             self.student = load_model(student_path, self.exp.student.trust_remote_code).to(self.device).eval()
             self.builder = SampleBuilder(load_tokenizer(student_path), self.exp)
+        if self.student is not None:
+            from .train import SupervisedLoss
+            self.scorer = SupervisedLoss(self.student)
         self.params = json.dumps(self.cfg.model_dump(exclude={"batch_size", "concurrency", "cpus_per_actor",
                                                                "gpus_per_actor", "view_samples"}), sort_keys=True)
 
@@ -237,29 +242,40 @@ class Chunker:
 
     def _chunk_losses(self, record: dict, steps: list[str], candidates: list[list[int]]) -> list[float]:
         """Mean over chunks of each chunk's mean token NLL given the question and earlier chunks,
-        for every candidate, in forward passes of up to sbc_batch_size sequences."""
+        for every candidate, in forward passes of up to sbc_batch_size sequences.
+
+        Scored like training scores a sample (`SupervisedLoss`): the LM head runs only on the
+        chunks' tokens, not on the question (most of a short rationale's sequence) or padding,
+        and a separate answer stage is not computed at all (causal attention: tokens after chunk
+        K cannot change a chunk's loss)."""
         import torch
-        import torch.nn.functional as F
+
+        from .samples import IGNORE
 
         seqs = []
         for groups in candidates:
             starts = [0] + groups[:-1]
-            seqs.append(self.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)]))
+            ids, stages = self.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)])
+            k = len(groups)
+            end = max(i for i, s in enumerate(stages) if 1 <= s <= k) + 1
+            seqs.append((ids[:end], stages[:end], k))
         scores = []
         for b in range(0, len(seqs), self.cfg.sbc_batch_size):
             batch = seqs[b:b + self.cfg.sbc_batch_size]
-            width = max(len(ids) for ids, _ in batch)
+            width = max(len(ids) for ids, _, _ in batch)
             pad = self.builder.tok.pad_token_id
-            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=self.device)
-            stages = torch.tensor([s + [-1] * (width - len(s)) for _, s in batch], device=self.device)
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _, _ in batch], device=self.device)
+            stages = torch.tensor([s + [-1] * (width - len(s)) for _, s, _ in batch], device=self.device)
+            ks = torch.tensor([k for _, _, k in batch], device=self.device)
+            labels = torch.where((stages >= 1) & (stages <= ks[:, None]), ids, IGNORE)
             with torch.no_grad():
-                logits = self.student(input_ids=ids, attention_mask=(stages >= 0).long()).logits[:, :-1].float()
-                nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            target_stage = stages[:, 1:]
-            for row in range(len(batch)):
-                k = len(candidates[b + row])
-                per_chunk = [nll[row][target_stage[row] == i].mean().item() for i in range(1, k + 1)]
-                scores.append(float(np.mean(per_chunk)))
+                nll, rows, chunk = self.scorer(ids, (stages >= 0).long(), labels, stages)
+            # Per (candidate, chunk) mean NLL, then the mean over each candidate's K chunks.
+            slots = len(batch) * _MAX_STAGE
+            key = rows * _MAX_STAGE + chunk
+            sums = torch.zeros(slots, dtype=nll.dtype, device=nll.device).index_add(0, key, nll)
+            means = (sums / torch.bincount(key, minlength=slots).clamp(min=1)).view(len(batch), _MAX_STAGE).cpu()
+            scores += [float(means[row, 1:k + 1].mean()) for row, (_, _, k) in enumerate(batch)]
         return scores
 
     def _chunk_one(self, record: dict, ends: list[int], steps: list[str], emb: np.ndarray | None) -> dict:
@@ -316,11 +332,18 @@ class Chunker:
             except Exception as e:
                 reject(record, e)
         embs = self._embed([steps for _, _, steps in ready]) if self.encoder is not None else [None] * len(ready)
-        for (record, ends, steps), emb in zip(ready, embs):
+        shown = t0
+        for done, ((record, ends, steps), emb) in enumerate(zip(ready, embs), start=1):
             try:
                 rows.append(self._chunk_one(record, ends, steps, emb))
             except Exception as e:
                 reject(record, e)
+            now = time.perf_counter()
+            # The search takes seconds per rationale on a CPU: say how far a batch is, twice a minute.
+            if now - shown > PROGRESS_EVERY_S and done < len(ready):
+                shown, each = now, (now - t0) / done
+                print(f"[chunk {self.cfg.heuristic}] {done}/{len(ready)} rationales of this batch, {each:.1f}s each, "
+                      f"batch done in ~{each * (len(ready) - done):.0f}s", flush=True)
         print(f"[chunk {self.cfg.heuristic}] {batch.num_rows} rationales in {time.perf_counter() - t0:.1f}s", flush=True)
         table = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
         # Rejects travel in the same table (chunks = null) and are split off on the driver.

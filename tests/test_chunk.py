@@ -167,6 +167,43 @@ def test_chunker_is_lossless_deterministic_and_rejects_bad_rows(tiny_student, he
     assert pa.Table.from_pylist(out, schema=CHUNK_SCHEMA).num_rows == len(ROWS)
 
 
+@pytest.mark.parametrize("answer_stage", ["separate", "with_last_chunk"])
+def test_sbc_scores_equal_a_full_forward_of_each_candidate(tiny_student, answer_stage):
+    """The search scores candidates with the LM head on chunk tokens only, batched, without the
+    separate answer; each score must equal the mean chunk NLL of that candidate's whole sequence
+    in a full forward of its own (a batch of one, full logits)."""
+    import torch
+    import torch.nn.functional as F
+
+    chunker = _chunker(tiny_student, "chunk.heuristic=sbc", f"stages.answer_stage={answer_stage}",
+                       "chunk.sbc_batch_size=3", student=True)
+    chunker.student.float()
+    record = ROWS[0]
+    steps = _steps(record["rationale"], "sentence")
+    n = len(steps)
+    candidates = [[2, n], [1, 3, n], [2, 4, n], [1, 2, 5, n], [4, n]]   # K 2..4, two forward batches
+    got = chunker._chunk_losses(record, steps, candidates)
+    for groups, score in zip(candidates, got):
+        starts = [0] + groups[:-1]
+        ids, stages = chunker.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)])
+        with torch.no_grad():
+            logits = chunker.student(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+        target = torch.tensor(stages[1:])
+        want = float(np.mean([nll[target == i].mean().item() for i in range(1, len(groups) + 1)]))
+        assert score == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_slow_chunking_reports_progress_within_a_batch(tiny_student, monkeypatch, capsys):
+    import cwt_ray.chunk as chunk
+
+    monkeypatch.setattr(chunk, "PROGRESS_EVERY_S", 0.0)   # every rationale counts as slow
+    _chunker(tiny_student, "chunk.heuristic=sbc", "chunk.sbc_max_passes=1", student=True)(pa.Table.from_pylist(ROWS[:3]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[chunk sbc] 1/3 rationales of this batch,") and "batch done in ~" in lines[0]
+    assert lines[1].startswith("[chunk sbc] 2/3 rationales") and lines[2].startswith("[chunk sbc] 3 rationales in ")
+
+
 def test_preflight_skips_what_a_finished_chunk_stage_needed(tmp_path):
     """A run directory chunked on one machine trains on another that lacks the embedding model
     (seen on the GPU study); before chunking, a missing model is still a one-line error."""
