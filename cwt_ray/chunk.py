@@ -175,6 +175,15 @@ def sbc_search(groups: list[int], score: Callable[[list[list[int]]], list[float]
     return {"groups": groups, "loss_before": before, "loss_after": current, "moves": moves, "candidates_scored": scored}
 
 
+def _common_prefix(seqs: list[list]) -> int:
+    """Length of the longest prefix every sequence shares."""
+    n = min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != seqs[0][i] for x in seqs[1:]):
+            return i
+    return n
+
+
 def resolve_embedding_model(name: str) -> str:
     if name == "all-minilm-l6-v2":
         try:
@@ -244,13 +253,13 @@ class Chunker:
         """Mean over chunks of each chunk's mean token NLL given the question and earlier chunks,
         for every candidate, in forward passes of up to sbc_batch_size sequences.
 
-        Scored like training scores a sample (`SupervisedLoss`): the LM head runs only on the
-        chunks' tokens, not on the question (most of a short rationale's sequence) or padding,
-        and a separate answer stage is not computed at all (causal attention: tokens after chunk
-        K cannot change a chunk's loss)."""
+        The candidates of one boundary differ only from that boundary on: the question and the
+        chunks before it are the same tokens in every candidate. That shared prefix goes through
+        the student once (batch of one) and the candidates continue from its KV cache; its chunk
+        tokens' losses count for every candidate. Then, as training scores a sample, the LM head
+        runs only on chunk tokens (not the question or padding), and a separate answer stage is
+        cut off (causal attention: nothing before it depends on it)."""
         import torch
-
-        from .samples import IGNORE
 
         seqs = []
         for groups in candidates:
@@ -262,21 +271,60 @@ class Chunker:
         scores = []
         for b in range(0, len(seqs), self.cfg.sbc_batch_size):
             batch = seqs[b:b + self.cfg.sbc_batch_size]
-            width = max(len(ids) for ids, _, _ in batch)
+            sums = torch.zeros(len(batch), _MAX_STAGE, dtype=torch.float64)
+            counts = torch.zeros(len(batch), _MAX_STAGE, dtype=torch.float64)
+            # Tokens 0..p-1 are run once; they predict tokens 1..p, which every candidate shares
+            # (same token, same stage), so the common prefix must cover token p: p = common - 1.
+            common = _common_prefix([list(zip(ids, st)) for ids, st, _ in batch])
+            p = max(0, min(common, min(len(ids) for ids, _, _ in batch)) - 1)
+            cache = None
+            if p > 0:
+                ids, stages, _ = batch[0]
+                prefix = torch.tensor([ids[:p]], device=self.device)
+                target, target_stage = torch.tensor(ids[1:p + 1]), torch.tensor(stages[1:p + 1])
+                scored = (target_stage >= 1) & (target_stage <= min(k for _, _, k in batch))
+                with torch.no_grad():
+                    nll, cache = self._nll(prefix, torch.ones_like(prefix), None, scored[None].to(self.device),
+                                           target[scored].to(self.device))
+                cache.batch_repeat_interleave(len(batch))
+                one = torch.zeros(_MAX_STAGE, dtype=torch.float64).index_add(0, target_stage[scored], nll.double().cpu())
+                sums += one
+                counts += torch.bincount(target_stage[scored], minlength=_MAX_STAGE).double()
+            # Each candidate from token p on; position j predicts token p + j + 1.
+            width = max(len(ids) for ids, _, _ in batch) - p
             pad = self.builder.tok.pad_token_id
-            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _, _ in batch], device=self.device)
-            stages = torch.tensor([s + [-1] * (width - len(s)) for _, s, _ in batch], device=self.device)
-            ks = torch.tensor([k for _, _, k in batch], device=self.device)
-            labels = torch.where((stages >= 1) & (stages <= ks[:, None]), ids, IGNORE)
+            ids = torch.tensor([x[p:] + [pad] * (width - len(x) + p) for x, _, _ in batch])
+            stages = torch.tensor([s[p:] + [-1] * (width - len(s) + p) for _, s, _ in batch])
+            ks = torch.tensor([k for _, _, k in batch])
+            target, target_stage = ids[:, 1:], stages[:, 1:]
+            scored = torch.zeros_like(stages, dtype=torch.bool)
+            scored[:, :-1] = (target_stage >= 1) & (target_stage <= ks[:, None])
+            mask = torch.cat([torch.ones(len(batch), p, dtype=torch.long), (stages >= 0).long()], dim=1)
             with torch.no_grad():
-                nll, rows, chunk = self.scorer(ids, (stages >= 0).long(), labels, stages)
-            # Per (candidate, chunk) mean NLL, then the mean over each candidate's K chunks.
-            slots = len(batch) * _MAX_STAGE
+                nll, _ = self._nll(ids.to(self.device), mask.to(self.device), cache, scored.to(self.device),
+                                   target[scored[:, :-1]].to(self.device))
+            rows, chunk = scored.nonzero(as_tuple=True)[0], target_stage[scored[:, :-1]]
             key = rows * _MAX_STAGE + chunk
-            sums = torch.zeros(slots, dtype=nll.dtype, device=nll.device).index_add(0, key, nll)
-            means = (sums / torch.bincount(key, minlength=slots).clamp(min=1)).view(len(batch), _MAX_STAGE).cpu()
+            sums += torch.zeros(len(batch) * _MAX_STAGE, dtype=torch.float64).index_add(
+                0, key, nll.double().cpu()).view(len(batch), _MAX_STAGE)
+            counts += torch.bincount(key, minlength=len(batch) * _MAX_STAGE).double().view(len(batch), _MAX_STAGE)
+            means = sums / counts.clamp(min=1)
             scores += [float(means[row, 1:k + 1].mean()) for row, (_, _, k) in enumerate(batch)]
         return scores
+
+    def _nll(self, ids, mask, cache, scored, target):
+        """Token NLL at the `scored` positions (bool, shaped like ids) against `target`, continuing
+        from `cache` (or from scratch); returns it (fp32) and the KV cache."""
+        import torch.nn.functional as F
+
+        lm = self.scorer._causal_lm()
+        if self.scorer.full_head:   # logits rescaled or soft-capped inside the model's head
+            out = lm(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+            logits = out.logits[scored]
+        else:
+            out = lm.base_model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+            logits = lm.get_output_embeddings()(out.last_hidden_state[scored])
+        return F.cross_entropy(logits.float(), target, reduction="none"), out.cache
 
     def _chunk_one(self, record: dict, ends: list[int], steps: list[str], emb: np.ndarray | None) -> dict:
         cfg, rationale = self.cfg, record["rationale"]

@@ -108,3 +108,22 @@ def run_shared(_stage_outputs):
                 _stage_outputs.setdefault((key, state.fingerprint(key)), cfg.run_dir)
         return out
     return run
+
+
+def full_forward_scores(chunker, record: dict, steps: list[str], candidates: list[list[int]]) -> list[float]:
+    """SBC's score of each candidate the straightforward way: its whole chunk-wise sequence alone
+    through the student with full logits, mean over chunks of each chunk's mean token NLL."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    scores = []
+    for groups in candidates:
+        starts = [0] + groups[:-1]
+        ids, stages = chunker.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)])
+        with torch.no_grad():
+            logits = chunker.student(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+        target = torch.tensor(stages[1:])
+        scores.append(float(np.mean([nll[target == i].mean().item() for i in range(1, len(groups) + 1)])))
+    return scores

@@ -8,7 +8,7 @@ import pytest
 from cwt_ray.chunk import (CHUNK_SCHEMA, Chunker, balanced_partition, candidate_moves, coherent_partition,
                            resolve_embedding_model, sbc_search, split_steps, threshold_partition)
 from cwt_ray.config import ChunkConfig, UserError, load_config
-from conftest import ROOT
+from conftest import ROOT, full_forward_scores
 
 GSM = ("Let's solve this step by step:\n\n1. Initial amounts:\n   • John has 35 apple\n"
        "   • He has 3 times as many kiwi, so 35 × 3 = 105 kiwi. That is 3.5 times less apple.\n\n"
@@ -167,31 +167,27 @@ def test_chunker_is_lossless_deterministic_and_rejects_bad_rows(tiny_student, he
     assert pa.Table.from_pylist(out, schema=CHUNK_SCHEMA).num_rows == len(ROWS)
 
 
-@pytest.mark.parametrize("answer_stage", ["separate", "with_last_chunk"])
-def test_sbc_scores_equal_a_full_forward_of_each_candidate(tiny_student, answer_stage):
-    """The search scores candidates with the LM head on chunk tokens only, batched, without the
-    separate answer; each score must equal the mean chunk NLL of that candidate's whole sequence
-    in a full forward of its own (a batch of one, full logits)."""
-    import torch
-    import torch.nn.functional as F
+LINES = {"id": "lines", "question": "q?", "rationale": "a = 2\nb = 3\nc = a + b = 5\nd = 7\ne = c + d = 12\nf = 1\nSo 13.",
+         "answer": "13"}
 
-    chunker = _chunker(tiny_student, "chunk.heuristic=sbc", f"stages.answer_stage={answer_stage}",
-                       "chunk.sbc_batch_size=3", student=True)
+
+@pytest.mark.parametrize("stages,record", [(["stages.answer_stage=separate"], ROWS[0]),
+                                          (["stages.answer_stage=with_last_chunk"], ROWS[0]),
+                                          (["stages.chunk_marker=", "stages.answer_marker=", "chunk.step_unit=line"], LINES)])
+def test_sbc_scores_equal_a_full_forward_of_each_candidate(tiny_student, stages, record):
+    """The search runs the candidates' shared prefix once and continues each from its KV cache,
+    with the LM head on chunk tokens only and without the separate answer; each score must equal
+    the mean chunk NLL of that candidate's whole sequence in a full forward of its own (a batch of
+    one, full logits). Without markers, candidates can be the same tokens split into different
+    chunks (LINES: every candidate has the same 58 tokens): the shared prefix must stop where
+    the chunks differ."""
+    chunker = _chunker(tiny_student, "chunk.heuristic=sbc", *stages, "chunk.sbc_batch_size=3", student=True)
     chunker.student.float()
-    record = ROWS[0]
-    steps = _steps(record["rationale"], "sentence")
+    steps = _steps(record["rationale"], chunker.cfg.step_unit)
     n = len(steps)
-    candidates = [[2, n], [1, 3, n], [2, 4, n], [1, 2, 5, n], [4, n]]   # K 2..4, two forward batches
+    candidates = [[2, n], [1, 3, n], [2, 4, n], [1, 2, 4, n], [3, n]]   # K 2..4, two forward batches
     got = chunker._chunk_losses(record, steps, candidates)
-    for groups, score in zip(candidates, got):
-        starts = [0] + groups[:-1]
-        ids, stages = chunker.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)])
-        with torch.no_grad():
-            logits = chunker.student(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-        nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
-        target = torch.tensor(stages[1:])
-        want = float(np.mean([nll[target == i].mean().item() for i in range(1, len(groups) + 1)]))
-        assert score == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert got == pytest.approx(full_forward_scores(chunker, record, steps, candidates), rel=1e-5, abs=1e-5)
 
 
 def test_slow_chunking_reports_progress_within_a_batch(tiny_student, monkeypatch, capsys):

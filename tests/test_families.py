@@ -7,7 +7,7 @@ from cwt_ray.config import StudentConfig, load_config
 from cwt_ray.samples import SampleBuilder, build_samples
 from cwt_ray.student import load_model, load_tokenizer, resolve_student
 from cwt_ray.train import SupervisedLoss, collate, normalised_loss
-from conftest import ROOT
+from conftest import ROOT, full_forward_scores
 
 RECORDS = [{"id": "r1", "question": "Tom has 3 apples and buys 4. How many?",
             "rationale": "Tom starts with 3 apples.\nHe buys 4 more.\nSo 3 + 4 = 7.", "answer": "7"}]
@@ -62,3 +62,19 @@ def test_family_trains_and_generates_through_our_code(family_student):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     new, _ = generate(model.eval(), tok, [samples[0].input_ids[:10]], 4)
     assert 0 < len(new[0]) <= 4
+
+
+def test_family_scores_sbc_candidates_like_a_full_forward(family_student):
+    """SBC continues each candidate from the KV cache of the shared prefix: every family's cache
+    must give the scores of a full forward."""
+    from cwt_ray.chunk import Chunker, split_steps
+
+    _, folder = family_student
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"student.name={folder}", "chunk.heuristic=sbc",
+                                                         "chunk.sbc_batch_size=2"])
+    chunker = Chunker(cfg.model_dump(mode="json"), str(folder), None, str(folder))
+    chunker.student.float()
+    steps = split_steps(RECORDS[0]["rationale"], "line")[1]
+    candidates = [[1, 3], [2, 3], [1, 2, 3]]
+    assert chunker._chunk_losses(RECORDS[0], steps, candidates) == pytest.approx(
+        full_forward_scores(chunker, RECORDS[0], steps, candidates), rel=1e-5, abs=1e-5)
