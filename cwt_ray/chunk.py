@@ -287,8 +287,7 @@ class Chunker:
                     nll, cache = self._nll(prefix, torch.ones_like(prefix), None, scored[None].to(self.device),
                                            target[scored].to(self.device))
                 cache.batch_repeat_interleave(len(batch))
-                one = torch.zeros(_MAX_STAGE, dtype=torch.float64).index_add(0, target_stage[scored], nll.double().cpu())
-                sums += one
+                sums += torch.zeros(_MAX_STAGE, dtype=torch.float64).index_add(0, target_stage[scored], nll.double().cpu())
                 counts += torch.bincount(target_stage[scored], minlength=_MAX_STAGE).double()
             # Each candidate from token p on; position j predicts token p + j + 1.
             width = max(len(ids) for ids, _, _ in batch) - p
