@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -202,9 +203,13 @@ class Chunker:
     tokenizer (chunk token counts), the sentence encoder (semantic), the student (sbc)."""
 
     def __init__(self, cfg: dict, tokenizer_path: str, embedding_path: str | None, student_path: str | None,
-                 student_model=None):
+                 student_model=None, done_dir: str | None = None):
         """`student_model`: score with this model as it is (the training loop re-runs SBC with the
-        student it is training) instead of loading `student_path`."""
+        student it is training) instead of loading `student_path`. `done_dir`: keep each finished
+        batch there, and reuse it when the same batch comes again (a chunk stage that was killed
+        resumes without redoing finished batches; SBC takes minutes per batch on a CPU)."""
+        import hashlib
+
         import torch
 
         from .config import ExperimentConfig
@@ -235,6 +240,12 @@ class Chunker:
             self.scorer = SupervisedLoss(self.student)
         self.params = json.dumps(self.cfg.model_dump(exclude={"batch_size", "concurrency", "cpus_per_actor",
                                                                "gpus_per_actor", "view_samples"}), sort_keys=True)
+        self.done_dir = Path(done_dir) if done_dir else None
+        # What a finished batch's result depends on besides its rows (SBC scores in the training format).
+        self.done_key = hashlib.sha256(json.dumps(
+            [self.params, self.exp.stages.model_dump(mode="json"), self.exp.prompt.model_dump(mode="json"),
+             self.exp.task.model_dump(mode="json"), tokenizer_path, embedding_path, student_path],
+            sort_keys=True).encode()).hexdigest()
 
     def _token_len(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -365,6 +376,25 @@ class Chunker:
                 "num_chunks": len(chunks), "heuristic": cfg.heuristic, "params": self.params, **row}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.done_dir is None:
+            return self._chunk_batch(batch)
+        import hashlib
+
+        import pyarrow.parquet as pq
+
+        rows = json.dumps(batch.to_pylist(), sort_keys=True, default=str)
+        done = self.done_dir / f"{hashlib.sha256((self.done_key + rows).encode()).hexdigest()[:32]}.parquet"
+        if done.exists():
+            print(f"[chunk {self.cfg.heuristic}] {batch.num_rows} rationales chunked by an earlier attempt, reused", flush=True)
+            return pq.read_table(done, schema=CHUNK_SCHEMA)
+        table = self._chunk_batch(batch)
+        self.done_dir.mkdir(parents=True, exist_ok=True)
+        tmp = done.with_suffix(f".{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        tmp.rename(done)   # atomic: a kill mid-write leaves no half file under the final name
+        return table
+
+    def _chunk_batch(self, batch: pa.Table) -> pa.Table:
         import time
 
         t0 = time.perf_counter()
@@ -424,10 +454,14 @@ def chunk_split(records_path: Path, out_dir: Path, cfg, tokenizer_path: str, stu
     rows_in = ds.count()
     # An actor works through a block's batches alone: one block per batch lets every actor help.
     ds = ds.repartition(max(1, math.ceil(rows_in / ccfg.batch_size))).materialize()
+    # Finished batches are kept beside the output until the stage completes, so a killed stage
+    # resumes where it stopped (needs storage the actors share on a multi-node cluster).
+    done_dir = out_dir.with_name(out_dir.name + ".done")
     chunked = ds.map_batches(
         Chunker,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "tokenizer_path": tokenizer_path,
-                               "embedding_path": embedding_path, "student_path": student_path},
+                               "embedding_path": embedding_path, "student_path": student_path,
+                               "done_dir": str(done_dir)},
         batch_size=ccfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ccfg.concurrency),
         num_cpus=ccfg.cpus_per_actor, num_gpus=gpus or None, batch_format="pyarrow",
     )
@@ -447,6 +481,7 @@ def chunk_split(records_path: Path, out_dir: Path, cfg, tokenizer_path: str, stu
     write_view(kept, records, tmp / "view.html", ccfg.view_samples)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)   # a crash mid-way never leaves a half folder under the final name
+    shutil.rmtree(done_dir, ignore_errors=True)
     return summary
 
 

@@ -48,7 +48,10 @@ class RunState:
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def fingerprint(self, key: str) -> str:
-        return self.cfg.fingerprint(*_DEPS[key])
+        deps = _DEPS[key]
+        if key == "chunk" and self.cfg.chunk.heuristic == "sbc":
+            deps += ("prompt", "stages")   # the search scores chunks in the training format
+        return self.cfg.fingerprint(*deps)
 
     def is_done(self, key: str) -> bool:
         return self.done.get(key) == self.fingerprint(key)

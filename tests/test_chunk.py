@@ -200,6 +200,26 @@ def test_slow_chunking_reports_progress_within_a_batch(tiny_student, monkeypatch
     assert lines[1].startswith("[chunk sbc] 2/3 rationales") and lines[2].startswith("[chunk sbc] 3 rationales in ")
 
 
+def test_a_killed_chunk_stage_reuses_its_finished_batches(tiny_student, tmp_path, capsys):
+    """With `done_dir`, a finished batch is kept and a second attempt returns it without chunking
+    again; a batch with other rows, or chunked with other settings, is chunked afresh."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["chunk.heuristic=sbc", "chunk.sbc_max_passes=1"])
+    tree, done = cfg.model_dump(mode="json"), str(tmp_path / "train.done")
+    first = Chunker(tree, str(tiny_student), None, str(tiny_student), done_dir=done)(pa.Table.from_pylist(ROWS[:3]))
+    assert len(list((tmp_path / "train.done").glob("*.parquet"))) == 1
+
+    again = Chunker(tree, str(tiny_student), None, str(tiny_student), done_dir=done)
+    again._chunk_one = None   # chunking anything now would raise: the batch must come from disk
+    assert again(pa.Table.from_pylist(ROWS[:3])).to_pylist() == first.to_pylist()
+    assert "3 rationales chunked by an earlier attempt, reused" in capsys.readouterr().out
+
+    other_rows = Chunker(tree, str(tiny_student), None, str(tiny_student), done_dir=done)
+    other_rows(pa.Table.from_pylist(ROWS[:2]))
+    tree["chunk"]["num_chunks"] = 2
+    Chunker(tree, str(tiny_student), None, str(tiny_student), done_dir=done)(pa.Table.from_pylist(ROWS[:3]))
+    assert len(list((tmp_path / "train.done").glob("*.parquet"))) == 3
+
+
 def test_preflight_skips_what_a_finished_chunk_stage_needed(tmp_path):
     """A run directory chunked on one machine trains on another that lacks the embedding model
     (seen on the GPU study); before chunking, a missing model is still a one-line error."""
@@ -216,3 +236,17 @@ def test_preflight_skips_what_a_finished_chunk_stage_needed(tmp_path):
     preflight(cfg, ("data", "chunk", "train"))          # chunks are there: nothing to ask for
     with pytest.raises(UserError, match="chunk.embedding_model"):
         preflight(cfg, ("data", "chunk", "train"), force=("chunk",))
+
+
+def test_sbc_chunks_are_redone_when_the_training_format_changes(tmp_path):
+    """SBC scores chunks in the training format (prompt, stage markers), so those settings are part
+    of its chunk stage's fingerprint; the other heuristics never read them."""
+    from cwt_ray.pipeline import RunState
+
+    def chunk_fp(*overrides):
+        cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"storage_path={tmp_path}", *overrides])
+        return RunState(cfg.run_dir, cfg).fingerprint("chunk")
+
+    for marker in ["stages.chunk_marker=<{stage}> ", "prompt.template=Solve {question} then answer"]:
+        assert chunk_fp("chunk.heuristic=sbc") != chunk_fp("chunk.heuristic=sbc", marker)
+        assert chunk_fp("chunk.heuristic=average") == chunk_fp("chunk.heuristic=average", marker)

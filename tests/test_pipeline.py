@@ -199,6 +199,7 @@ def _check_chunk_stage(cfg, out, heuristic):
     assert pq.read_table(out / "rejects.parquet").num_rows == summary["rejected"]
     page = (out / "view.html").read_text()
     assert page.startswith("<!doctype html>") and "http" not in page and chunks[0]["id"] in page
+    assert not out.with_name(out.name + ".done").exists()   # finished batches kept only until the stage completes
     if heuristic == "sbc":
         assert summary["sbc"]["mean_loss_after"] <= summary["sbc"]["mean_loss_before"]
         assert summary["sbc"]["candidates_scored"] > summary["sbc"]["searched"]
