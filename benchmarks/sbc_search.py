@@ -48,8 +48,8 @@ class FullForwardChunker(Chunker):
             batch = seqs[b:b + self.cfg.sbc_batch_size]
             width = max(len(ids) for ids, _ in batch)
             pad = self.builder.tok.pad_token_id
-            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
-            stages = torch.tensor([s + [-1] * (width - len(s)) for _, s in batch])
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=self.device)
+            stages = torch.tensor([s + [-1] * (width - len(s)) for _, s in batch], device=self.device)
             with torch.no_grad():
                 logits = self.student(input_ids=ids, attention_mask=(stages >= 0).long()).logits[:, :-1].float()
                 nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")

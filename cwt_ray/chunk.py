@@ -43,7 +43,7 @@ CHUNK_SCHEMA = pa.schema([
     ("note", pa.string()),
 ])
 PROGRESS_EVERY_S = 30.0
-_MAX_STAGE = 128   # > any chunk stage number (num_chunks <= 64, plus one more a split move may add)
+_MAX_STAGE = 128   # > any stage number: chunks 1..K (num_chunks <= 64) and the answer stage K+1
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string())])
 
 # A sentence ends at . ! or ? followed by whitespace; '3.5' and '$2.50' are not sentence ends.
@@ -244,7 +244,8 @@ class Chunker:
         # What a finished batch's result depends on besides its rows (SBC scores in the training format).
         self.done_key = hashlib.sha256(json.dumps(
             [self.params, self.exp.stages.model_dump(mode="json"), self.exp.prompt.model_dump(mode="json"),
-             self.exp.task.model_dump(mode="json"), tokenizer_path, embedding_path, student_path],
+             self.exp.task.model_dump(mode="json"), self.exp.student.model_dump(mode="json"),
+             tokenizer_path, embedding_path, student_path],
             sort_keys=True).encode()).hexdigest()
 
     def _token_len(self, text: str) -> int:
@@ -264,10 +265,10 @@ class Chunker:
         """Mean over chunks of each chunk's mean token NLL given the question and earlier chunks,
         for every candidate, in forward passes of up to sbc_batch_size sequences.
 
-        The candidates of one boundary differ only from that boundary on: the question and the
-        chunks before it are the same tokens in every candidate. That shared prefix goes through
-        the student once (batch of one) and the candidates continue from its KV cache; its chunk
-        tokens' losses count for every candidate. Then, as training scores a sample, the LM head
+        The candidates of one boundary share a prefix (at least the question; with shift moves
+        also the chunks before that boundary): the longest prefix they share, token and chunk
+        stage alike, goes through the student once (batch of one) and the candidates continue
+        from its KV cache; its chunk tokens' losses count for every candidate. Then, as training scores a sample, the LM head
         runs only on chunk tokens (not the question or padding), and a separate answer stage is
         cut off (causal attention: nothing before it depends on it)."""
         import torch
@@ -383,15 +384,20 @@ class Chunker:
         import pyarrow.parquet as pq
 
         rows = json.dumps(batch.to_pylist(), sort_keys=True, default=str)
-        done = self.done_dir / f"{hashlib.sha256((self.done_key + rows).encode()).hexdigest()[:32]}.parquet"
-        if done.exists():
-            print(f"[chunk {self.cfg.heuristic}] {batch.num_rows} rationales chunked by an earlier attempt, reused", flush=True)
-            return pq.read_table(done, schema=CHUNK_SCHEMA)
+        done_file = self.done_dir / f"{hashlib.sha256((self.done_key + rows).encode()).hexdigest()[:32]}.parquet"
+        if done_file.exists():
+            try:
+                table = pq.read_table(done_file, schema=CHUNK_SCHEMA)
+                print(f"[chunk {self.cfg.heuristic}] {batch.num_rows} rationales chunked by an earlier attempt, reused",
+                      flush=True)
+                return table
+            except Exception:   # unreadable (e.g. cut short by a power loss): chunk the batch again
+                done_file.unlink(missing_ok=True)
         table = self._chunk_batch(batch)
         self.done_dir.mkdir(parents=True, exist_ok=True)
-        tmp = done.with_suffix(f".{os.getpid()}.tmp")
+        tmp = done_file.with_suffix(f".{os.getpid()}.tmp")
         pq.write_table(table, tmp)
-        tmp.rename(done)   # atomic: a kill mid-write leaves no half file under the final name
+        tmp.rename(done_file)   # atomic: a kill mid-write leaves no half file under the final name
         return table
 
     def _chunk_batch(self, batch: pa.Table) -> pa.Table:
@@ -410,17 +416,17 @@ class Chunker:
                 reject(record, e)
         embs = self._embed([steps for _, _, steps in ready]) if self.encoder is not None else [None] * len(ready)
         shown = t0
-        for done, ((record, ends, steps), emb) in enumerate(zip(ready, embs), start=1):
+        for finished, ((record, ends, steps), emb) in enumerate(zip(ready, embs), start=1):
             try:
                 rows.append(self._chunk_one(record, ends, steps, emb))
             except Exception as e:
                 reject(record, e)
             now = time.perf_counter()
             # The search takes seconds per rationale on a CPU: say how far a batch is, twice a minute.
-            if now - shown > PROGRESS_EVERY_S and done < len(ready):
-                shown, each = now, (now - t0) / done
-                print(f"[chunk {self.cfg.heuristic}] {done}/{len(ready)} rationales of this batch, {each:.1f}s each, "
-                      f"batch done in ~{each * (len(ready) - done):.0f}s", flush=True)
+            if now - shown > PROGRESS_EVERY_S and finished < len(ready):
+                shown, each = now, (now - t0) / finished
+                print(f"[chunk {self.cfg.heuristic}] {finished}/{len(ready)} rationales of this batch, {each:.1f}s each, "
+                      f"batch done in ~{each * (len(ready) - finished):.0f}s", flush=True)
         print(f"[chunk {self.cfg.heuristic}] {batch.num_rows} rationales in {time.perf_counter() - t0:.1f}s", flush=True)
         table = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
         # Rejects travel in the same table (chunks = null) and are split off on the driver.
@@ -455,7 +461,8 @@ def chunk_split(records_path: Path, out_dir: Path, cfg, tokenizer_path: str, stu
     # An actor works through a block's batches alone: one block per batch lets every actor help.
     ds = ds.repartition(max(1, math.ceil(rows_in / ccfg.batch_size))).materialize()
     # Finished batches are kept beside the output until the stage completes, so a killed stage
-    # resumes where it stopped (needs storage the actors share on a multi-node cluster).
+    # resumes where it stopped. On a multi-node cluster this needs storage every node shares
+    # (storage_path); without it, other nodes' copies are neither reused nor removed.
     done_dir = out_dir.with_name(out_dir.name + ".done")
     chunked = ds.map_batches(
         Chunker,

@@ -50,7 +50,10 @@ class RunState:
     def fingerprint(self, key: str) -> str:
         deps = _DEPS[key]
         if key == "chunk" and self.cfg.chunk.heuristic == "sbc":
-            deps += ("prompt", "stages")   # the search scores chunks in the training format
+            # The search scores chunks in the training format. Hashed only when not at their
+            # defaults, so SBC runs finished before this rule do not look stale.
+            changed = self.cfg.model_dump(mode="json", exclude_defaults=True)
+            deps += tuple(s for s in ("prompt", "stages") if changed.get(s))
         return self.cfg.fingerprint(*deps)
 
     def is_done(self, key: str) -> bool:

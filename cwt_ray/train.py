@@ -118,7 +118,8 @@ class SupervisedLoss(torch.nn.Module):
         self.lm = lm
         # Models that rescale or soft-cap their logits need the full head.
         cfg = self._causal_lm().config
-        self.full_head = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+        self.full_head = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+                              or getattr(cfg, "logits_scaling", 1.0) != 1.0)   # Gemma 2 / Cohere / Granite
 
     def _causal_lm(self):
         """The *ForCausalLM module (under a peft wrapper when training LoRA adapters)."""

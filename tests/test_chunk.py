@@ -209,9 +209,15 @@ def test_a_killed_chunk_stage_reuses_its_finished_batches(tiny_student, tmp_path
     assert len(list((tmp_path / "train.done").glob("*.parquet"))) == 1
 
     again = Chunker(tree, str(tiny_student), None, str(tiny_student), done_dir=done)
-    again._chunk_one = None   # chunking anything now would raise: the batch must come from disk
+    again._chunk_one = None   # chunking now would turn every row into a reject: the batch must come from disk
     assert again(pa.Table.from_pylist(ROWS[:3])).to_pylist() == first.to_pylist()
     assert "3 rationales chunked by an earlier attempt, reused" in capsys.readouterr().out
+
+    saved = next((tmp_path / "train.done").glob("*.parquet"))
+    saved.write_bytes(b"cut short")   # unreadable: chunked again and saved again
+    fresh = Chunker(tree, str(tiny_student), None, str(tiny_student), done_dir=done)(pa.Table.from_pylist(ROWS[:3]))
+    assert fresh.to_pylist() == first.to_pylist() and "reused" not in capsys.readouterr().out
+    assert saved.read_bytes().startswith(b"PAR1")
 
     other_rows = Chunker(tree, str(tiny_student), None, str(tiny_student), done_dir=done)
     other_rows(pa.Table.from_pylist(ROWS[:2]))
