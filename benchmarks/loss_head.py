@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cwt_ray.chunk import balanced_partition, split_steps  # noqa: E402
+from cwt_ray.chunk import balanced_partition, chunk_texts, split_steps  # noqa: E402
 from cwt_ray.config import ExperimentConfig, StudentConfig  # noqa: E402
 from cwt_ray.data import split_gsm_cot  # noqa: E402
 from cwt_ray.samples import IGNORE, SampleBuilder  # noqa: E402
@@ -56,9 +56,8 @@ def main() -> None:
         rationale, answer = split_gsm_cot(item["metadata"]["answer_cot"])
         _, steps = split_steps(rationale, cfg.chunk.step_unit)
         groups = balanced_partition([len(tok(s)["input_ids"]) for s in steps], cfg.chunk.num_chunks)
-        chunks = ["".join(steps[a:b]) for a, b in zip([0] + groups[:-1], groups)]
         samples += builder.cwt({"id": str(i), "question": item["question"], "rationale": rationale,
-                                "answer": item["answer"]}, chunks)
+                                "answer": item["answer"]}, chunk_texts(steps, groups))
     batch = samples[: args.batch]
     ids, labels, groups, mask = collate(batch, tok.pad_token_id)
     lm = load_model(path)

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cwt_ray.chunk import Chunker  # noqa: E402
+from cwt_ray.chunk import Chunker, chunk_texts  # noqa: E402
 from cwt_ray.config import ExperimentConfig  # noqa: E402
 from cwt_ray.student import resolve_student  # noqa: E402
 
@@ -41,8 +41,7 @@ class FullForwardChunker(Chunker):
     def _chunk_losses(self, record, steps, candidates):
         seqs = []
         for groups in candidates:
-            starts = [0] + groups[:-1]
-            seqs.append(self.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)]))
+            seqs.append(self.builder.stage_sequence(record, chunk_texts(steps, groups)))
         scores = []
         for b in range(0, len(seqs), self.cfg.sbc_batch_size):
             batch = seqs[b:b + self.cfg.sbc_batch_size]

@@ -176,6 +176,11 @@ def sbc_search(groups: list[int], score: Callable[[list[list[int]]], list[float]
     return {"groups": groups, "loss_before": before, "loss_after": current, "moves": moves, "candidates_scored": scored}
 
 
+def chunk_texts(steps: list[str], groups: list[int]) -> list[str]:
+    """The chunk texts of a boundary set: `groups` holds each chunk's end index into `steps`."""
+    return ["".join(steps[a:b]) for a, b in zip([0] + groups[:-1], groups)]
+
+
 def _common_prefix(seqs: list[list]) -> int:
     """Length of the longest prefix every sequence shares."""
     n = min(len(x) for x in seqs)
@@ -268,15 +273,14 @@ class Chunker:
         The candidates of one boundary share a prefix (at least the question; with shift moves
         also the chunks before that boundary): the longest prefix they share, token and chunk
         stage alike, goes through the student once (batch of one) and the candidates continue
-        from its KV cache; its chunk tokens' losses count for every candidate. Then, as training scores a sample, the LM head
-        runs only on chunk tokens (not the question or padding), and a separate answer stage is
-        cut off (causal attention: nothing before it depends on it)."""
+        from its KV cache; its chunk tokens' losses count for every candidate. Then, as training
+        scores a sample, the LM head runs only on chunk tokens (not the question or padding), and
+        a separate answer stage is cut off (causal attention: nothing before it depends on it)."""
         import torch
 
         seqs = []
         for groups in candidates:
-            starts = [0] + groups[:-1]
-            ids, stages = self.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)])
+            ids, stages = self.builder.stage_sequence(record, chunk_texts(steps, groups))
             k = len(groups)
             end = max(i for i, s in enumerate(stages) if 1 <= s <= k) + 1
             seqs.append((ids[:end], stages[:end], k))

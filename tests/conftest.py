@@ -117,10 +117,11 @@ def full_forward_scores(chunker, record: dict, steps: list[str], candidates: lis
     import torch
     import torch.nn.functional as F
 
+    from cwt_ray.chunk import chunk_texts
+
     scores = []
     for groups in candidates:
-        starts = [0] + groups[:-1]
-        ids, stages = chunker.builder.stage_sequence(record, ["".join(steps[a:b]) for a, b in zip(starts, groups)])
+        ids, stages = chunker.builder.stage_sequence(record, chunk_texts(steps, groups))
         with torch.no_grad():
             logits = chunker.student(input_ids=torch.tensor([ids])).logits[0, :-1].float()
         nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
