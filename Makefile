@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run smoke test test-fast clean
+.PHONY: install run smoke test test-fast study-cpu-reduced clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest tests -q -m "not slow" $(ARGS)
+
+# The CPU reduced protocol of the study (docs/results.md), every run and sweep, then its table (~2.5 h).
+study-cpu-reduced: install
+	VENV=$(VENV) bash jobs/study_cpu_reduced.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import optuna
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -102,7 +104,12 @@ class SweepConfig(_Strict):
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective(metric="accuracy", mode="max")], min_length=1, max_length=2,
         description="One objective, or two (e.g. accuracy max + tokens_generated min: Pareto front).")
-    num_samples: int = Field(8, ge=1, description="Trials in the sweep.")
+    num_samples: int = Field(8, ge=1, description="Trials in the sweep (with sampler 'grid': at most the grid's size).")
+    sampler: Literal["tpe", "grid"] = Field(
+        "tpe", description="'tpe': Optuna's TPE (random for the first n_startup_trials). 'grid': every combination "
+                           "of the search space once, in an order shuffled by seed (categorical choices, int and "
+                           "float ranges with a step; no 'when'): the tool for a small comparison such as three "
+                           "chunking heuristics.")
     max_concurrent_trials: Optional[int] = Field(
         None, ge=1, description="None: as many as fit the cluster, at most n_startup_trials, so TPE sees results "
                                 "before it suggests (more parallel trials = closer to random search).")
@@ -138,7 +145,35 @@ class SweepConfig(_Strict):
             raise ValueError("scheduler 'asha' needs a single objective")
         if len({o.metric for o in self.objectives}) != len(self.objectives):
             raise ValueError("objectives must name different metrics")
+        if self.sampler == "grid":
+            size = len(grid_points(self.search_space))   # raises for keys a grid cannot enumerate
+            if self.num_samples > size:
+                raise ValueError(f"num_samples {self.num_samples} is more than the grid's {size} points; "
+                                 f"set num_samples: {size}")
         return self
+
+
+def grid_values(key: str, param: Param) -> list:
+    """The values a grid tries for one key: every choice, or low..high (inclusive) in steps."""
+    if param.when:
+        raise ValueError(f"sampler 'grid': '{key}' has 'when'; a grid has no conditional keys")
+    if param.type == "categorical":
+        return list(param.choices)
+    if param.log:
+        raise ValueError(f"sampler 'grid': '{key}' is log-scaled; give a step or categorical choices")
+    if param.type == "int":
+        return list(range(param.low, param.high + 1, param.step or 1))
+    if not param.step:
+        raise ValueError(f"sampler 'grid': float '{key}' needs a step")
+    n = int(math.floor((param.high - param.low) / param.step + 1e-9)) + 1
+    # Rounded so that 0.1 + 2 * 0.1 is written (and hashed into run fingerprints) as 0.3.
+    return [round(param.low + i * param.step, 12) for i in range(n)]
+
+
+def grid_points(space: dict[str, Param]) -> list[dict]:
+    """Every combination of a grid search space (the sweep runs them in an order shuffled by its seed)."""
+    values = {key: grid_values(key, space[key]) for key in sorted(space)}
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
 
 class Sweep:
@@ -168,8 +203,10 @@ class Sweep:
         return validate_config(tree, source=f"trial {trial_id}")
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"sweep": self.config.model_dump(mode="json", exclude={"debug"}), "base": self.base_tree},
-                          sort_keys=True)
+        config = self.config.model_dump(mode="json", exclude={"debug"})
+        if config["sampler"] == "tpe":   # the default: left out, so sweeps started before the option resume
+            del config["sampler"]
+        blob = json.dumps({"sweep": config, "base": self.base_tree}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -307,9 +344,12 @@ def plan_concurrency(config: SweepConfig, demand: dict[str, float], cluster: dic
         why = "set in the sweep file"
         if n > fits:
             why += f"; only {fits} fit the cluster now, the rest queue"
-        if n > max(1, config.n_startup_trials):
+        if config.sampler == "tpe" and n > max(1, config.n_startup_trials):
             why += (f"; more than n_startup_trials={config.n_startup_trials} in flight, so some TPE suggestions "
                     f"come before the results they could use")
+    elif config.sampler == "grid":   # grid points do not depend on earlier results
+        n = max(1, min(fits, config.num_samples))
+        why = f"{fits} fit the cluster (grid: no cap)"
     else:
         n = max(1, min(fits, config.n_startup_trials or 1, config.num_samples))
         why = f"{fits} fit the cluster, capped at n_startup_trials={config.n_startup_trials} so TPE sees results"
@@ -320,19 +360,29 @@ def plan_concurrency(config: SweepConfig, demand: dict[str, float], cluster: dic
 # One trial (runs in a Ray Tune trial actor)
 # ---------------------------------------------------------------------------------------------
 
-# Outputs trials share when their stage fingerprint is equal: stage key -> folders it writes.
-SHARED_STAGES = {"data": ("data",), "chunk": ("chunks",)}
+# Outputs trials share when their stage fingerprint is equal: stage key -> folders it writes, in
+# the order the pipeline makes them. Trained students are shared too, so a sweep over a knob that
+# only changes evaluation (stt.skip_confidence, eval.*) trains once and evaluates each point.
+SHARED_STAGES = {"data": ("data",), "chunk": ("chunks",), "train/std_cot": ("students/std_cot",),
+                 "train/cwt": ("students/cwt",), "skip": ("skips",), "train/stt": ("students/stt",)}
+
+
+def _cached(cache: Path, key: str, state) -> Path:
+    """The cache folder of one stage output: `train/cwt` with fingerprint f -> cache/train-cwt-f."""
+    return cache / f"{key.replace('/', '-')}-{state.fingerprint(key)}"
 
 
 def reuse_shared(cfg: ExperimentConfig, cache: Path) -> list[str]:
-    """Copy finished data / chunk outputs with this trial's fingerprint from the sweep cache into
-    the run directory and mark them done, so the pipeline skips them. Returns the stages reused."""
+    """Copy finished stage outputs (data, chunks, skip data, trained students) with this trial's
+    fingerprint from the sweep cache into the run directory and mark them done, so the pipeline
+    skips them. Copies, not links: a trial that retrains must not overwrite another's files.
+    Returns the stages reused."""
     from .pipeline import RunState
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     state, reused = RunState(cfg.run_dir, cfg), []
     for key, folders in SHARED_STAGES.items():
-        src = cache / f"{key}-{state.fingerprint(key)}"
+        src = _cached(cache, key, state)
         if state.is_done(key) or not src.is_dir():
             continue
         for folder in folders:
@@ -343,13 +393,13 @@ def reuse_shared(cfg: ExperimentConfig, cache: Path) -> list[str]:
 
 
 def publish_shared(cfg: ExperimentConfig, cache: Path) -> None:
-    """Offer this trial's finished data / chunk outputs to later trials (copy, then atomic rename:
-    two trials publishing the same fingerprint at once is harmless)."""
+    """Offer this trial's finished stage outputs to later trials (copy, then atomic rename: two
+    trials publishing the same fingerprint at once is harmless)."""
     from .pipeline import RunState
 
     state = RunState(cfg.run_dir, cfg)
     for key, folders in SHARED_STAGES.items():
-        dest = cache / f"{key}-{state.fingerprint(key)}"
+        dest = _cached(cache, key, state)
         if not state.is_done(key) or dest.exists():
             continue
         tmp = cache / f".{dest.name}.{os.getpid()}"
@@ -382,11 +432,13 @@ def run_trial(params: dict, sweep: Sweep) -> None:
         publish_shared(cfg, sweep.dir / "cache")
         t["prepared"] = time.perf_counter()
         run_stages(cfg, stages=("train",), train_callbacks=[TuneReportCallback()])
+        publish_shared(cfg, sweep.dir / "cache")
         t["trained"] = time.perf_counter()
         run_stages(cfg, stages=("eval",))
         t["evaluated"] = time.perf_counter()
     trained = {m: json.loads((run_dir / "students" / m / "train_metrics.json").read_text()) for m in cfg.methods}
-    step_s = sum(m["train_time_s"] for m in trained.values())   # stt trains cwt first
+    # stt trains cwt first; a student reused from an earlier trial cost this trial no steps.
+    step_s = sum(m["train_time_s"] for name, m in trained.items() if f"train/{name}" not in reused)
     ev = json.loads((run_dir / "evals" / method / "metrics.json").read_text())
     generate_s = ev["batched_generation_s"]
     wall = t["evaluated"] - t["start"]
@@ -516,8 +568,27 @@ def _check_fingerprint(sweep: Sweep) -> None:
                                  "config": sweep.config.model_dump(mode="json")}, indent=2))
 
 
+class TuneGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler without its `study.stop()` after the last grid point: Ray Tune asks and
+    tells outside `study.optimize`, where stop() raises (the trial is already stored by then).
+    Tune ends the sweep after num_samples trials, which never exceeds the grid. Module level, so
+    Tune can pickle it with the searcher."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
+def make_sampler(c: SweepConfig, concurrency: int = 1):
+    """The Optuna sampler the sweep file names."""
+    if c.sampler == "grid":
+        # The first len(grid) trial numbers map one-to-one onto grid points, so trials running at
+        # once never pick the same point.
+        grid = {key: grid_values(key, c.search_space[key]) for key in c.search_space}
+        return TuneGridSampler(grid, seed=c.seed)
+    return optuna.samplers.TPESampler(n_startup_trials=c.n_startup_trials, seed=c.seed, constant_liar=concurrency > 1)
+
+
 def _build_tuner(sweep: Sweep, concurrency: int):
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -533,9 +604,7 @@ def _build_tuner(sweep: Sweep, concurrency: int):
         # start of its stages; finished stages and Ray Train checkpoints in its run dir are kept).
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True), True
     metrics, modes = [o.metric for o in c.objectives], [o.mode for o in c.objectives]
-    sampler = optuna.samplers.TPESampler(n_startup_trials=c.n_startup_trials, seed=c.seed,
-                                         constant_liar=concurrency > 1)
-    searcher = FinalResultOptunaSearch(space=SearchSpace(c.search_space), sampler=sampler,
+    searcher = FinalResultOptunaSearch(space=SearchSpace(c.search_space), sampler=make_sampler(c, concurrency),
                             metric=metrics if len(metrics) > 1 else metrics[0],
                             mode=modes if len(modes) > 1 else modes[0])
     scheduler = None

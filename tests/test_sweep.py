@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from cwt_ray.config import UserError, load_config
-from cwt_ray.sweep import SweepConfig, choose, load_sweep, pareto_front, plan_concurrency, trial_demand
+from cwt_ray.sweep import (SearchSpace, SweepConfig, choose, grid_points, load_sweep, make_sampler, pareto_front,
+                           plan_concurrency, trial_demand)
 
 from conftest import ROOT, seed_stages
 
@@ -49,8 +50,8 @@ def test_bad_search_space_is_one_line_user_error(tmp_path, space, message):
 
 
 def test_sweep_configs_in_repo_validate():
-    paths = sorted((ROOT / "configs").glob("sweep_*.yaml"))
-    assert len(paths) >= 2
+    paths = sorted((ROOT / "configs").glob("sweep_*.yaml")) + sorted((ROOT / "configs").glob("experiments/*sweep*.yaml"))
+    assert len(paths) >= 4
     for path in paths:
         assert load_sweep(path).config.search_space
 
@@ -66,6 +67,44 @@ def test_other_sweep_file_errors(tmp_path):
         load_sweep(_write(tmp_path, overrides={"train": {"lrr": 1.0}}))
     with pytest.raises(UserError, match="validation_size >= 1"):
         load_sweep(_write(tmp_path, overrides={"data": {"validation_size": 0}}))
+
+
+GRID = {"chunk.num_chunks": {"type": "int", "low": 2, "high": 3},
+        "train.lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-4, "step": 1.0e-4},
+        "chunk.heuristic": {"type": "categorical", "choices": ["average", "semantic"]}}
+
+
+@pytest.mark.parametrize("space, samples, message", [
+    ({"train.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True}}, 2, "'train.lr' is log-scaled"),
+    ({"train.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3}}, 2, "float 'train.lr' needs a step"),
+    ({"train.lr_schedule": {"type": "categorical", "choices": ["constant", "cosine"]},
+      "train.warmup_steps": {"type": "int", "low": 0, "high": 2, "when": {"train.lr_schedule": "cosine"}}}, 2,
+     "'train.warmup_steps' has 'when'"),
+    (GRID, 13, "num_samples 13 is more than the grid's 12 points; set num_samples: 12"),
+])
+def test_grid_sampler_needs_an_enumerable_space(tmp_path, space, samples, message):
+    with pytest.raises(UserError) as err:
+        load_sweep(_write(tmp_path, sampler="grid", search_space=space, num_samples=samples))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_grid_sampler_runs_every_point_once():
+    """Through Optuna's ask/tell, as Ray Tune's OptunaSearch drives it: 12 trials are the 12 grid
+    points, each once, and telling the last one does not raise (GridSampler's study.stop() would)."""
+    import optuna
+
+    config = SweepConfig.model_validate(yaml.safe_load(SMOKE_SWEEP.read_text())
+                                        | {"sampler": "grid", "search_space": GRID, "num_samples": 12})
+    points = grid_points(config.search_space)
+    assert len(points) == 12 and {p["train.lr"] for p in points} == {1.0e-4, 2.0e-4, 3.0e-4}
+    study = optuna.create_study(sampler=make_sampler(config))
+    space, seen = SearchSpace(config.search_space), []
+    for _ in range(12):
+        trial = study.ask()
+        space(trial)
+        seen.append(json.dumps(trial.params, sort_keys=True))
+        study.tell(trial, 0.0)
+    assert sorted(seen) == sorted(json.dumps(p, sort_keys=True) for p in points)
 
 
 def test_cli_reports_bad_search_space_in_one_line_exit_2_before_ray(tmp_path):
@@ -178,6 +217,32 @@ def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(ray_cluster
     assert seed_stages(best, sweep_dir / "trials" / chosen["trial_id"]) == ["data", "chunk", "train/cwt"]
     assert run_stages(best).name == "report.md"
     assert "[train cwt] up to date" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_grid_sweep_over_an_eval_knob_trains_once(ray_cluster, tmp_path, capsys):
+    """A grid over eval.max_new_tokens (it changes evaluation only) through real Ray Tune + Optuna:
+    each grid point runs once, the first trial trains CWT, the second copies that student from the
+    sweep cache instead of training again, and its own evaluation still uses its own setting."""
+    from cwt_ray.cli import main
+
+    path = _write(tmp_path, sampler="grid", num_samples=2, storage_path=str(tmp_path),
+                  search_space={"eval.max_new_tokens": {"type": "categorical", "choices": [8, 16]}})
+    assert main(["sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[sweep] trial ") == 2
+    rows = sorted(json.loads((tmp_path / "sweep_smoke" / "trials.json").read_text()), key=lambda r: r["number"])
+    assert sorted(r["params"]["eval.max_new_tokens"] for r in rows) == [8, 16]
+    first, second = (tmp_path / "sweep_smoke" / "trials" / r["trial_id"] for r in rows)
+    assert "[train cwt] done" in (first / "console.log").read_text()
+    assert "[train cwt] up to date" in (second / "console.log").read_text()
+    assert rows[1]["metrics"]["reused"] == "data,chunk,train/cwt" and rows[1]["metrics"]["train_step_s"] == 0
+    for trial, row in ((first, rows[0]), (second, rows[1])):
+        assert json.loads((trial / "evals" / "cwt" / "metrics.json").read_text())["max_new_tokens"] == \
+            row["params"]["eval.max_new_tokens"]
+    # The reused student is the first trial's, file for file.
+    assert (second / "students" / "cwt" / "model.safetensors").read_bytes() == \
+        (first / "students" / "cwt" / "model.safetensors").read_bytes()
 
 
 def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(tmp_path):
