@@ -40,14 +40,25 @@ def variant(cfg: dict, method: str) -> str:
     return label + (f" ({', '.join(changed)})" if changed else "")
 
 
+def sweep_of(run: Path) -> str | None:
+    """The sweep whose test evaluation this run directory is (runs/<sweep>/test/<trial>/), if any."""
+    sweep_file = run.parent.parent / "sweep.json"
+    return run.parent.parent.name if run.parent.name == "test" and sweep_file.is_file() else None
+
+
 def collect(run_dirs: list[Path]) -> dict:
     variants: dict[str, dict] = {}
     for run in run_dirs:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
+        sweep = sweep_of(run)
         for method in cfg["methods"]:
-            key = variant(cfg, method)
-            v = variants.setdefault(key, {"order": (ORDER.index(method), key), "seeds": [], "runs": []})
+            if sweep and not (run / "evals" / method).is_dir():
+                continue   # a sweep's test folder evaluates the sweep's method only; the rest is its inputs
+            key = variant(cfg, method) + (f", chosen on validation ({sweep})" if sweep else "")
             seed = (cfg.get("train") or {}).get("seed", 0)
+            if any(r["seed"] == seed for r in variants.get(key, {}).get("runs", [])):
+                key += f" [{run.name}]"   # same variant and seed again: a repeat, never "another seed"
+            v = variants.setdefault(key, {"order": (ORDER.index(method), key), "seeds": [], "runs": []})
             entry = {"run": run.name, "seed": seed, "status": "not trained"}
             tm = run / "students" / method / "train_metrics.json"
             if tm.is_file():

@@ -242,12 +242,14 @@ def write_sweep_report(sweep: Sweep, rows: list[dict], chosen: list[dict], test:
     done = [r for r in rows if r["status"] == "done"]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "stopped", "error")}
     n_val = done[0]["metrics"].get("n") if done else "n/a"
+    sampler = (f"Optuna's grid sampler (every combination once, seed {c.seed})" if c.sampler == "grid" else
+               f"Optuna TPE ({c.n_startup_trials} random start-up trials, seed {c.seed})")
     blocks: list[tuple] = [
         ("h1", f"Sweep report: {c.name}"),
         ("p", f"{len(rows)} trials ({counts['done']} done, {counts['stopped']} stopped early, {counts['error']} failed) "
               f"of `{c.method}` from `{c.base}`, each scored on the **validation** split ({n_val} questions); "
-              f"objectives: {', '.join(f'{m} ({mode})' for m, mode in objectives)}. Optuna TPE "
-              f"({c.n_startup_trials} random start-up trials, seed {c.seed}) through Ray Tune, scheduler `{c.scheduler}`. "
+              f"objectives: {', '.join(f'{m} ({mode})' for m, mode in objectives)}. {sampler} "
+              f"through Ray Tune, scheduler `{c.scheduler}`. "
               f"This run of the command took {wall_s / 60:.1f} min (resumed runs count only their own part)."),
     ]
     # Chosen configs on test

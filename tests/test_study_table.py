@@ -60,3 +60,22 @@ def test_a_run_that_changes_a_protocol_setting_is_its_own_variant(study_table):
     cfg["prompt"]["template"] = "Question: {question}\nAnswer:"
     assert study_table.variant(cfg, "std_cot") == 'Std-CoT (bucket_factor=0, template="Question: {question}\\nAnswer:")'
     assert study_table.variant({"chunk": {"heuristic": "semantic"}}, "stt") == "STT on CWT semantic"
+
+
+def test_a_repeat_or_a_sweep_choice_is_never_counted_as_another_seed(study_table, tmp_path):
+    """The same run twice (same variant, same seed) is two rows, not two seeds; a sweep's test
+    evaluation (runs/<sweep>/test/<trial>/) is labelled as chosen on validation and shows only the
+    method it evaluated, not the students it was built on."""
+    import shutil
+
+    again = tmp_path / "again"
+    shutil.copytree(STUDY / "gpu-std-cot", again)
+    sweep_test = tmp_path / "my-sweep" / "test" / "t1"
+    shutil.copytree(STUDY / "gpu-std-cot", sweep_test)
+    (tmp_path / "my-sweep" / "sweep.json").write_text("{}")
+    cfg = (sweep_test / "config.yaml").read_text()
+    assert "- std_cot" in cfg
+    (sweep_test / "config.yaml").write_text(cfg.replace("- std_cot", "- std_cot\n- cwt"))   # cwt: input only
+    rows = study_table.summarise(study_table.collect([STUDY / "gpu-std-cot", again, sweep_test]), n_boot=50, seed=0)
+    assert [(r["variant"], r["seeds_evaluated"]) for r in rows] == [
+        ("Std-CoT", 1), ("Std-CoT [again]", 1), ("Std-CoT, chosen on validation (my-sweep)", 1)]

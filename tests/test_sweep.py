@@ -236,6 +236,7 @@ def test_grid_sweep_over_an_eval_knob_trains_once(ray_cluster, tmp_path, capsys)
     first, second = (tmp_path / "sweep_smoke" / "trials" / r["trial_id"] for r in rows)
     assert "[train cwt] done" in (first / "console.log").read_text()
     assert "[train cwt] up to date" in (second / "console.log").read_text()
+    assert "Optuna's grid sampler (every combination once" in (tmp_path / "sweep_smoke" / "report.md").read_text()
     assert rows[1]["metrics"]["reused"] == "data,chunk,train/cwt" and rows[1]["metrics"]["train_step_s"] == 0
     for trial, row in ((first, rows[0]), (second, rows[1])):
         assert json.loads((trial / "evals" / "cwt" / "metrics.json").read_text())["max_new_tokens"] == \
@@ -269,6 +270,7 @@ def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(
     path = write_sweep_report(sweep, rows, chosen, {"t5": {"accuracy": 0.5, "tokens_generated": 12.0, "n": 8}}, 60.0)
     text = path.read_text()
     assert "| 7 | `t7` | error: ValueError: boom |" in text and "importances.png" in text
+    assert "Optuna TPE (2 random start-up trials, seed 0)" in text   # the sampler the sweep used, named
     page = (sweep.dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>error: ValueError: boom</td>" in page
     assert param_importances(sweep, rows[:1])[1] == "needs at least 2 finished trials, this sweep has 1"
