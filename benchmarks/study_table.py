@@ -41,9 +41,15 @@ def variant(cfg: dict, method: str) -> str:
 
 
 def sweep_of(run: Path) -> str | None:
-    """The sweep whose test evaluation this run directory is (runs/<sweep>/test/<trial>/), if any."""
-    sweep_file = run.parent.parent / "sweep.json"
-    return run.parent.parent.name if run.parent.name == "test" and sweep_file.is_file() else None
+    """'<sweep>: key=value ...' when this run directory is a sweep's test evaluation of one trial
+    (runs/<sweep>/test/<trial>/), naming the values the sweep chose; else None."""
+    sweep_dir = run.parent.parent
+    if run.parent.name != "test" or not (sweep_dir / "sweep.json").is_file():
+        return None
+    trials = sweep_dir / "trials.json"
+    params = next((t["params"] for t in (json.loads(trials.read_text()) if trials.is_file() else [])
+                   if t["trial_id"] == run.name), {})
+    return " ".join([f"{sweep_dir.name}:", *(f"{k}={json.dumps(v)}" for k, v in params.items())]).rstrip(":")
 
 
 def collect(run_dirs: list[Path]) -> dict:

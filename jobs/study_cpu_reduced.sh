@@ -22,5 +22,5 @@ heuristic=$($bin/python -c "import yaml; print(yaml.safe_load(open('runs/cpu-red
 $bin/cwt-ray sweep $x/cpu_reduced_sweep_skip.yaml overrides.chunk.heuristic=$heuristic
 mkdir -p runs/study-cpu-reduced
 $bin/python benchmarks/study_table.py runs/cpu-reduced runs/cpu-reduced-single-pass \
-    runs/cpu-reduced-semantic-single-pass runs/cpu-reduced-sbc-single-pass runs/cpu-reduced-sweep-skip/test/* \
+    runs/cpu-reduced-semantic-single-pass runs/cpu-reduced-sbc-single-pass runs/cpu-reduced-sweep-chunking/test/* runs/cpu-reduced-sweep-skip/test/* \
     --plot runs/study-cpu-reduced/loss_curves.png | tee runs/study-cpu-reduced/table.md
