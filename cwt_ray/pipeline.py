@@ -327,9 +327,12 @@ def prepare_run_dir(cfg: ExperimentConfig, overwrite: bool) -> Path:
 
 
 def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = (),
-               overwrite: bool = False, train_callbacks: list | None = None) -> Path:
+               overwrite: bool = False, train_callbacks: list | None = None,
+               eval_methods: list[str] | None = None) -> Path:
     """Run the named stages in order (skipping finished ones unless forced); returns the report path
-    when the report stage ran, else the run directory. `train_callbacks` go to Ray Train (sweeps)."""
+    when the report stage ran, else the run directory. `train_callbacks` go to Ray Train (sweeps);
+    `eval_methods` (default: every method of the run) lets a sweep evaluate only the method it
+    scores: an STT trial trains CWT first but has no use for CWT's validation numbers."""
     from .report import write_report
 
     unknown = set(stages) - set(STAGES)
@@ -355,7 +358,7 @@ def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: t
         if "train" in stages:
             _stage_train(cfg, run_dir, state, "train" in force, cfg.methods, train_callbacks)
         if "eval" in stages:
-            _stage_eval(cfg, run_dir, state, "eval" in force, cfg.methods)
+            _stage_eval(cfg, run_dir, state, "eval" in force, eval_methods or cfg.methods)
     if "report" in stages:
         path = write_report(cfg, run_dir)
         print(f"[report] {path} ({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -434,7 +434,7 @@ def run_trial(params: dict, sweep: Sweep) -> None:
         run_stages(cfg, stages=("train",), train_callbacks=[TuneReportCallback()])
         publish_shared(cfg, sweep.dir / "cache")
         t["trained"] = time.perf_counter()
-        run_stages(cfg, stages=("eval",))
+        run_stages(cfg, stages=("eval",), eval_methods=[method])
         t["evaluated"] = time.perf_counter()
     trained = {m: json.loads((run_dir / "students" / m / "train_metrics.json").read_text()) for m in cfg.methods}
     # stt trains cwt first; a student reused from an earlier trial cost this trial no steps.

@@ -6,7 +6,7 @@ import pytest
 
 from cwt_ray.chunk import read_chunks
 from cwt_ray.config import UserError
-from cwt_ray.pipeline import run_stages
+from cwt_ray.pipeline import RunState, run_stages
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +115,17 @@ def test_cwt_with_one_chunk_trains_exactly_like_std_cot(ray_cluster, smoke_cfg, 
                     "stages.answer_stage=with_last_chunk", "train.max_steps=3")
     run_shared(cfg, stages=("data", "chunk", "train"))
     assert _losses(cfg.run_dir, "cwt") == pytest.approx(_losses(cfg.run_dir, "std_cot"), rel=1e-6)
+
+
+def test_eval_of_chosen_methods_only(ray_cluster, smoke_cfg, run_shared):
+    """What a sweep trial asks for: of a run that trained Std-CoT and CWT, evaluate CWT alone."""
+    cfg = smoke_cfg("name=k1", "chunk.num_chunks=1", "stages.chunk_marker=", "stages.answer_marker=",
+                    "stages.answer_stage=with_last_chunk", "train.max_steps=3")
+    run_shared(cfg, stages=("data", "chunk", "train"))   # the trained students of the test above
+    run_stages(cfg, stages=("eval",), eval_methods=["cwt"])
+    assert (cfg.run_dir / "evals" / "cwt" / "metrics.json").is_file()
+    assert not (cfg.run_dir / "evals" / "std_cot").exists()
+    assert RunState(cfg.run_dir, cfg).is_done("eval/cwt") and not RunState(cfg.run_dir, cfg).is_done("eval/std_cot")
 
 
 def test_ray_train_with_one_worker_matches_a_plain_pytorch_loop(ray_cluster, smoke_cfg, tiny_student, run_shared):
