@@ -33,6 +33,11 @@ def _fmt(v, spec: str = ".3f") -> str:
     return str(v)
 
 
+def _param(v) -> str:
+    """A searched value: None is a choice the user wrote (e.g. stt.skip_confidence: null), not a gap."""
+    return "null" if v is None else _fmt(v, ".3g")
+
+
 # ---------------------------------------------------------------------------------------------
 # Optuna study rebuilt from the trials (importances, optuna.db)
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +266,7 @@ def write_sweep_report(sweep: Sweep, rows: list[dict], chosen: list[dict], test:
         body = []
         for r in chosen:
             t = test.get(r["trial_id"], {})
-            body.append([f"{r['number']} `{r['trial_id']}`", *[_fmt(r["params"][k], ".3g") if k in r["params"] else "-"
+            body.append([f"{r['number']} `{r['trial_id']}`", *[_param(r["params"][k]) if k in r["params"] else "-"
                                                                 for k in keys],
                          *[_fmt(r["metrics"][m]) for m, _ in objectives], _fmt(t.get("accuracy")),
                          _fmt(t.get("tokens_generated"), ".1f"), _fmt(t.get("complete"), ".2f"), _fmt(t.get("n"))])
@@ -292,7 +297,7 @@ def write_sweep_report(sweep: Sweep, rows: list[dict], chosen: list[dict], test:
     header = ["#", "trial", "status", *keys, "accuracy", "tokens generated", "complete", "last train loss",
               "time s", "fixed s", "reused"]
     body = [[r["number"], f"`{r['trial_id']}`", r["status"] + (f": {r['error'][:80]}" if r["error"] else ""),
-             *[_fmt(r["params"].get(k), ".3g") if k in r["params"] else "-" for k in keys],
+             *[_param(r["params"][k]) if k in r["params"] else "-" for k in keys],
              _fmt(r["metrics"].get("accuracy")), _fmt(r["metrics"].get("tokens_generated"), ".1f"),
              _fmt(r["metrics"].get("complete"), ".2f"), _fmt(r["metrics"].get("loss")),
              _fmt(r["metrics"].get("trial_wall_s"), ".0f"), _fmt(r["metrics"].get("fixed_s"), ".0f"),

@@ -271,6 +271,8 @@ def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(
     text = path.read_text()
     assert "| 7 | `t7` | error: ValueError: boom |" in text and "importances.png" in text
     assert "Optuna TPE (2 random start-up trials, seed 0)" in text   # the sampler the sweep used, named
+    from cwt_ray.sweep_report import _param
+    assert [_param(v) for v in (None, 0.5, 3, "nll")] == ["null", "0.5", "3", "nll"]   # null was chosen, not missing
     page = (sweep.dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>error: ValueError: boom</td>" in page
     assert param_importances(sweep, rows[:1])[1] == "needs at least 2 finished trials, this sweep has 1"
