@@ -110,17 +110,20 @@ def test_eval_without_training_is_a_user_error(ray_cluster, smoke_cfg):
         run_stages(smoke_cfg("name=untrained"), stages=("eval",))
 
 
+# CWT with K=1, markers off and the answer kept with the last chunk: Std-CoT's samples exactly.
+ONE_CHUNK_NO_MARKERS = ("name=k1", "chunk.num_chunks=1", "stages.chunk_marker=", "stages.answer_marker=",
+                        "stages.answer_stage=with_last_chunk", "train.max_steps=3")
+
+
 def test_cwt_with_one_chunk_trains_exactly_like_std_cot(ray_cluster, smoke_cfg, run_shared):
-    cfg = smoke_cfg("name=k1", "chunk.num_chunks=1", "stages.chunk_marker=", "stages.answer_marker=",
-                    "stages.answer_stage=with_last_chunk", "train.max_steps=3")
+    cfg = smoke_cfg(*ONE_CHUNK_NO_MARKERS)
     run_shared(cfg, stages=("data", "chunk", "train"))
     assert _losses(cfg.run_dir, "cwt") == pytest.approx(_losses(cfg.run_dir, "std_cot"), rel=1e-6)
 
 
 def test_eval_of_chosen_methods_only(ray_cluster, smoke_cfg, run_shared):
     """What a sweep trial asks for: of a run that trained Std-CoT and CWT, evaluate CWT alone."""
-    cfg = smoke_cfg("name=k1", "chunk.num_chunks=1", "stages.chunk_marker=", "stages.answer_marker=",
-                    "stages.answer_stage=with_last_chunk", "train.max_steps=3")
+    cfg = smoke_cfg(*ONE_CHUNK_NO_MARKERS)
     run_shared(cfg, stages=("data", "chunk", "train"))   # the trained students of the test above
     run_stages(cfg, stages=("eval",), eval_methods=["cwt"])
     assert (cfg.run_dir / "evals" / "cwt" / "metrics.json").is_file()

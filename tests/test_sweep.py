@@ -248,7 +248,7 @@ def test_grid_sweep_over_an_eval_knob_trains_once(ray_cluster, tmp_path, capsys)
 
 def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(tmp_path):
     """The report on its own (no Ray): 6 finished trials where train.lr decides accuracy, one failed."""
-    from cwt_ray.sweep_report import param_importances, write_sweep_report
+    from cwt_ray.sweep_report import _param, param_importances, write_sweep_report
 
     sweep = load_sweep(SMOKE_SWEEP, [f"storage_path={tmp_path}"])
     sweep.dir.mkdir(parents=True)
@@ -271,7 +271,6 @@ def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(
     text = path.read_text()
     assert "| 7 | `t7` | error: ValueError: boom |" in text and "importances.png" in text
     assert "Optuna TPE (2 random start-up trials, seed 0)" in text   # the sampler the sweep used, named
-    from cwt_ray.sweep_report import _param
     assert [_param(v) for v in (None, 0.5, 3, "nll")] == ["null", "0.5", "3", "nll"]   # null was chosen, not missing
     page = (sweep.dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>error: ValueError: boom</td>" in page
