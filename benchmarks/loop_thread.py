@@ -24,7 +24,7 @@ from pathlib import Path
 
 def child(args) -> None:
     from cwt_ray.config import load_config
-    from cwt_ray.reference import plain_train
+    from plain_loop import plain_train   # benchmarks/plain_loop.py (this folder is on sys.path)
     from cwt_ray.student import resolve_student
 
     cfg = load_config(args.config, ["methods=[cwt]", f"train.max_steps={args.steps}", *args.overrides])

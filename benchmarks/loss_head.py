@@ -26,7 +26,8 @@ from cwt_ray.config import ExperimentConfig, StudentConfig  # noqa: E402
 from cwt_ray.data import split_gsm_cot  # noqa: E402
 from cwt_ray.samples import IGNORE, SampleBuilder  # noqa: E402
 from cwt_ray.student import load_model, load_tokenizer, resolve_student  # noqa: E402
-from cwt_ray.train import SupervisedLoss, collate  # noqa: E402
+from cwt_ray.batches import collate  # noqa: E402
+from cwt_ray.train import SupervisedLoss, forward_batch  # noqa: E402
 
 
 def full_head_loss(lm, ids, mask, labels):
@@ -59,13 +60,14 @@ def main() -> None:
         samples += builder.cwt({"id": str(i), "question": item["question"], "rationale": rationale,
                                 "answer": item["answer"]}, chunk_texts(steps, groups))
     batch = samples[: args.batch]
-    ids, labels, groups, mask = collate(batch, tok.pad_token_id)
+    mb = collate(batch, tok.pad_token_id)   # padded: the full-head baseline takes an attention mask
+    ids, labels, mask = mb.input_ids, mb.labels, mb.attention_mask
     lm = load_model(path)
     ours = SupervisedLoss(lm)
 
     with torch.no_grad():
         a = full_head_loss(lm, ids, mask, labels).sum().item()
-        b = ours(ids, mask, labels, groups)[0].sum().item()
+        b = forward_batch(ours, mb)[0].sum().item()
     assert abs(a - b) <= 1e-4 * abs(a), (a, b)
 
     def step(fn) -> float:
@@ -76,11 +78,11 @@ def main() -> None:
         loss.sum().backward()
         return time.perf_counter() - t0
 
-    step(lambda: ours(ids, mask, labels, groups)[0])   # warm-up
+    step(lambda: forward_batch(ours, mb)[0])   # warm-up
     times = {"full_head": [], "supervised_head": []}
     for _ in range(args.repeats):
         times["full_head"].append(step(lambda: full_head_loss(lm, ids, mask, labels)))
-        times["supervised_head"].append(step(lambda: ours(ids, mask, labels, groups)[0]))
+        times["supervised_head"].append(step(lambda: forward_batch(ours, mb)[0]))
     tokens = int(mask.sum())
     supervised = int((labels != IGNORE).sum())
     rows = {k: {"median_s": statistics.median(v), "tokens_per_s": tokens / statistics.median(v)} for k, v in times.items()}

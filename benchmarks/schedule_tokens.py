@@ -21,7 +21,8 @@ import sys
 from cwt_ray.config import load_config
 from cwt_ray.pipeline import ray_session, run_stages
 from cwt_ray.student import load_tokenizer, resolve_student
-from cwt_ray.train import epoch_steps, load_samples, micro_batches, worker_share
+from cwt_ray.batches import epoch_steps, micro_batches, worker_share
+from cwt_ray.train import load_samples
 
 
 def count(samples, batch_size: int, micro: int, workers: int, schedule: str, bucket_factor: int, seed: int) -> dict:

@@ -5,8 +5,12 @@
 Reads each run's config.yaml, students/<method>/train_metrics.json and evals/<method>/ (metrics
 and per-question records). Runs that differ only in train.seed are one variant: accuracy is the
 mean over seeds with the spread (sample std) across seeds, and a 95 % bootstrap interval over
-questions (questions resampled jointly for every seed: the test split is the same). Variants that
-were trained but not evaluated, or not trained, are listed with their status, not dropped.
+questions (questions resampled jointly for every seed: the test split is the same). Every variant
+names its batching and learning-rate schedule, read from its config ("Std-CoT [bucketed x16,
+constant lr]", "Std-CoT [packed, linear warm-up 5%]"), so runs made under different training
+defaults are never merged as seeds of one variant. "vs Std-CoT" is the paired difference to the
+Std-CoT variant with the same batching and schedule. Variants that were trained but not evaluated,
+or not trained, are listed with their status, not dropped.
 Prints a Markdown table and a final JSON line; nothing here is typed by hand.
 """
 from __future__ import annotations
@@ -26,18 +30,62 @@ ORDER = ("std_cot", "cwt", "stt")
 
 # The study protocol's value of settings that a run may change to test a hypothesis (e.g. why
 # Std-CoT trails the reference): a run that differs here is its own variant, never "another seed".
-PROTOCOL = {("train", "bucket_factor"): 16, ("train", "max_grad_norm"): 1.0,
-            ("prompt", "template"): "Question: {question}\nAnswer:\n"}
+# Batching and the learning-rate schedule are not here: every variant names them (arm()).
+PROTOCOL = {("train", "max_grad_norm"): 1.0, ("prompt", "template"): "Question: {question}\nAnswer:\n",
+            ("data", "source"): "gsm_symbolic"}
+
+# A config.yaml without a key was written before that key existed, so it ran under the default of
+# its day: no packing, length buckets of 16 x batch_size, constant learning rate, no warm-up.
+OLD_TRAIN_DEFAULTS = {"packing": False, "pack_tokens": None, "bucket_factor": 16, "lr_schedule": "constant",
+                      "warmup_steps": 0}
+
+
+def batching(cfg: dict) -> str:
+    """How a run cut its optimizer steps: 'packed' (padding-free rows), 'bucketed x16' (padded,
+    length-sorted windows of 16 x batch_size) or 'random, padded' (uniform draws, padded)."""
+    train = {**OLD_TRAIN_DEFAULTS, **(cfg.get("train") or {})}
+    bucket = train["bucket_factor"] or 0
+    order = f"bucketed x{bucket}" if bucket else "random"
+    if not train["packing"]:
+        return order if bucket else f"{order}, padded"
+    max_length = (cfg.get("student") or {}).get("max_length")
+    pack = train.get("pack_tokens")
+    packed = "packed" if pack is None or pack == max_length else f"packed to {pack} tokens"
+    return packed + (f", {order}" if bucket else "")
+
+
+def warmup(cfg: dict) -> str:
+    """The warm-up as configured: '10' (steps), '5%' (a share of the steps) or '' (none)."""
+    train = cfg.get("train") or {}
+    steps = train.get("warmup_steps")
+    if steps is not None:
+        return str(steps) if steps else ""
+    ratio = train.get("warmup_ratio", 0)   # the newer knob; used only when warmup_steps is unset
+    return f"{100 * ratio:g}%" if ratio else ""
+
+
+def schedule(cfg: dict) -> str:
+    """The learning-rate schedule: 'constant', 'linear, warm-up 10', 'linear, warm-up 5%', ..."""
+    name = (cfg.get("train") or {}).get("lr_schedule", OLD_TRAIN_DEFAULTS["lr_schedule"])
+    w = warmup(cfg)
+    return name + (f", warm-up {w}" if w else "")
+
+
+def arm(cfg: dict) -> str:
+    """The training regime that every variant label carries, e.g. '[packed, linear warm-up 5%]'."""
+    name = (cfg.get("train") or {}).get("lr_schedule", OLD_TRAIN_DEFAULTS["lr_schedule"])
+    w = warmup(cfg)
+    return f"[{batching(cfg)}, {name} " + (f"warm-up {w}]" if w else "lr]")
 
 
 def variant(cfg: dict, method: str) -> str:
     chunk = (cfg.get("chunk") or {}).get("heuristic", "average")
-    schedule = (cfg.get("train") or {}).get("cwt_schedule", "shuffle")
-    label = f"CWT {chunk}" + (" single-pass" if schedule == "single_pass" else "")
+    cwt_schedule = (cfg.get("train") or {}).get("cwt_schedule", "shuffle")
+    label = f"CWT {chunk}" + (" single-pass" if cwt_schedule == "single_pass" else "")
     label = {"std_cot": "Std-CoT", "cwt": label}.get(method, f"STT on {label}")
     changed = [f"{key}={json.dumps(cfg[section][key])}" for (section, key), value in PROTOCOL.items()
                if key in (cfg.get(section) or {}) and cfg[section][key] != value]
-    return label + (f" ({', '.join(changed)})" if changed else "")
+    return f"{label} {arm(cfg)}" + (f" ({', '.join(changed)})" if changed else "")
 
 
 def sweep_of(run: Path) -> str | None:
@@ -64,7 +112,9 @@ def collect(run_dirs: list[Path]) -> dict:
             seed = (cfg.get("train") or {}).get("seed", 0)
             if any(r["seed"] == seed for r in variants.get(key, {}).get("runs", [])):
                 key += f" [{run.name}]"   # same variant and seed again: a repeat, never "another seed"
-            v = variants.setdefault(key, {"order": (ORDER.index(method), key), "seeds": [], "runs": []})
+            v = variants.setdefault(key, {"order": (ORDER.index(method), key), "seeds": [], "runs": [],
+                                          "batching": batching(cfg), "schedule": schedule(cfg),
+                                          "std_cot": f"Std-CoT {arm(cfg)}"})
             entry = {"run": run.name, "seed": seed, "status": "not trained"}
             tm = run / "students" / method / "train_metrics.json"
             if tm.is_file():
@@ -95,7 +145,8 @@ def summarise(variants: dict, n_boot: int, seed: int) -> list[dict]:
     for key, v in sorted(variants.items(), key=lambda kv: kv[1]["order"]):
         done = [r for r in v["runs"] if r["status"] == "evaluated"]
         trained = [r for r in v["runs"] if "train" in r]
-        row = {"variant": key, "runs": [r["run"] for r in v["runs"]], "seeds_evaluated": len(done),
+        row = {"variant": key, "batching": v["batching"], "schedule": v["schedule"],
+               "runs": [r["run"] for r in v["runs"]], "seeds_evaluated": len(done),
                "status": "evaluated" if done else (v["runs"][0]["status"])}
         if done:
             accs = [r["eval"]["accuracy"] for r in done]
@@ -110,16 +161,22 @@ def summarise(variants: dict, n_boot: int, seed: int) -> list[dict]:
             row["generation"] = sorted({(r["eval"]["backend"], r["eval"]["batch_size"], r["eval"]["max_new_tokens"],
                                          r["eval"].get("latency_n", 0)) for r in done})
         if trained:
+            # final_val_loss: the validation split's loss at the end of training (absent in older runs).
             for k in ("train_time_s", "processed_tokens", "supervised_tokens", "processed_per_supervised_token",
-                      "real_token_ratio", "steps", "final_loss"):
-                row[k] = statistics.mean(r["train"][k] for r in trained)
+                      "real_token_ratio", "steps", "final_loss", "final_val_loss"):
+                vals = [r["train"][k] for r in trained if r["train"].get(k) is not None]
+                row[k] = statistics.mean(vals) if vals else None
         row["_correct"] = [r["correct"] for r in done]
+        row["_std_cot"] = v["std_cot"]
         rows.append(row)
     # Paired difference to Std-CoT on the same questions: the interval that says whether a gap is real.
-    base = next((r for r in rows if r["variant"] == "Std-CoT" and r["_correct"]), None)
+    # The Std-CoT compared with is the one trained with the same batching and schedule.
     for r in rows:
-        if base is not None and r is not base and r["_correct"]:
-            ids = sorted(set.intersection(*(set(c) for c in r["_correct"] + base["_correct"])))
+        base = next((b for b in rows if b["variant"] == r["_std_cot"] and b["_correct"]), None)
+        ids = sorted(set.intersection(*(set(c) for c in r["_correct"] + base["_correct"]))) if (
+            base is not None and r is not base and r["_correct"]) else []
+        if ids:
+            r["compared_with"] = base["variant"]
             a = np.array([[c[i] for i in ids] for c in r["_correct"]], dtype=float).mean(axis=0)
             b = np.array([[c[i] for i in ids] for c in base["_correct"]], dtype=float).mean(axis=0)
             idx = rng.integers(0, len(ids), size=(n_boot, len(ids)))
@@ -127,7 +184,7 @@ def summarise(variants: dict, n_boot: int, seed: int) -> list[dict]:
             r["accuracy_minus_std_cot"] = float((a - b).mean())
             r["accuracy_minus_std_cot_ci95"] = [float(x) for x in np.percentile(diffs, [2.5, 97.5])]
     for r in rows:
-        del r["_correct"]
+        del r["_correct"], r["_std_cot"]
     return rows
 
 
@@ -137,8 +194,8 @@ def markdown(rows: list[dict]) -> str:
 
     out = ["| variant | seeds | accuracy % [95% CI] | vs Std-CoT, points [95% CI] | complete % | tokens/answer | "
            "stages skipped/answer | batch-1 latency s | batched questions/s | train s | processed M tok | "
-           "supervised M tok | processed/supervised | real-token ratio | status |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "supervised M tok | processed/supervised | real-token ratio | held-out loss | status |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-"
         if "accuracy" in r:
@@ -153,10 +210,14 @@ def markdown(rows: list[dict]) -> str:
                    f"{f(r, 'tokens_generated', '.1f')} | {f(r, 'skipped_per_answer', '.2f')} | {f(r, 'latency_s', '.2f')} | "
                    f"{f(r, 'batched_questions_per_s', '.2f')} | {f(r, 'train_time_s', '.0f')} | {f(r, 'processed_tokens', '.2f', 1e-6)} | "
                    f"{f(r, 'supervised_tokens', '.2f', 1e-6)} | {f(r, 'processed_per_supervised_token', '.2f')} | "
-                   f"{f(r, 'real_token_ratio', '.3f')} | {r['status']} |")
+                   f"{f(r, 'real_token_ratio', '.3f')} | {f(r, 'final_val_loss', '.4f')} | {r['status']} |")
+    out.append("")
+    out.append("[batching, lr schedule] from each run's config.yaml (keys it lacks: the defaults of its day, i.e. "
+               "bucketed x16, constant lr, no warm-up). vs Std-CoT: paired over shared questions, against the "
+               "Std-CoT with the same batching and schedule. Held-out loss: final_val_loss, the validation split's "
+               "loss at the end of training, mean over seeds (- for runs from before it was measured).")
     gens = sorted({g for r in rows for g in r.get("generation", [])})
     if gens:
-        out.append("")
         out.append("Generation (greedy): " + "; ".join(
             f"{backend}, batch {bs}, max_new_tokens {mnt}, batch-1 latency over {n} questions" for backend, bs, mnt, n in gens))
     return "\n".join(out)

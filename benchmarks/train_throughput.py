@@ -6,7 +6,7 @@ and the plain loop runs in a new Python process (no Ray) per run. A plain loop r
 warm process gets faster run after run on CPU (91 -> 106 -> 110 tok/s here: allocator and oneDNN
 caches already hold the same shapes), which a fresh Ray worker never sees; `--plain-in-process`
 keeps that mode for comparison. "Ray Train" is cwt-ray's real training path (`train.train_method`: TorchTrainer,
-DDP wrapper, our loss head and normaliser, checkpoints); "plain" is `reference.plain_train` with the
+DDP wrapper, our loss head and normaliser, checkpoints); "plain" is `plain_loop.plain_train` (benchmarks/plain_loop.py) with the
 same loss module (so the ratio is what Ray Train costs); "plain_full_head" is the same loop with
 Hugging Face's full logits, the loop most people would write. All report steady-state processed
 tokens/s (the first step excluded). The loss curves must agree before any timing is trusted.
@@ -14,7 +14,7 @@ tokens/s (the first step excluded). The loss curves must agree before any timing
     .venv/bin/python benchmarks/train_throughput.py [--config configs/quickstart.yaml] [--steps 8] \
         [--repeats 5] [--method cwt] [override ...]
 
-Prints a table and a final JSON line. Issue 5's bar: Ray Train >= 0.95x the plain loop.
+Prints a table and a final JSON line. Target: Ray Train >= 0.95x the plain loop.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 
 from cwt_ray.config import load_config
 from cwt_ray.pipeline import prepare_train_storage, ray_session, run_stages, student_info
-from cwt_ray.reference import plain_train
+from plain_loop import plain_train  # benchmarks/plain_loop.py (this folder is on sys.path)
 from cwt_ray.student import resolve_student
 from cwt_ray.train import resolve_precision, train_method
 

@@ -138,7 +138,7 @@ def run_trl(mode: str, rows, model_path, tokenizer, tcfg, steps: int, cpus: int,
     from trl import SFTConfig, SFTTrainer
 
     from cwt_ray.student import load_model
-    from cwt_ray.train import resolve_precision
+    from cwt_ray.train import resolve_precision, warmup_steps
 
     torch.set_num_threads(cpus)
     marks = {"begin": [], "end": []}
@@ -164,7 +164,7 @@ def run_trl(mode: str, rows, model_path, tokenizer, tcfg, steps: int, cpus: int,
         config = dict(
             output_dir=out_dir, max_steps=steps, per_device_train_batch_size=tcfg.batch_size,
             gradient_accumulation_steps=1, learning_rate=tcfg.lr, lr_scheduler_type=tcfg.lr_schedule,
-            warmup_steps=tcfg.warmup_steps, weight_decay=tcfg.weight_decay, max_grad_norm=tcfg.max_grad_norm,
+            warmup_steps=warmup_steps(tcfg, steps), weight_decay=tcfg.weight_decay, max_grad_norm=tcfg.max_grad_norm,
             optim="adamw_torch", bf16=resolve_precision(tcfg.precision, torch.device("cpu"), warn=False) == "bf16",
             use_cpu=True, seed=seed,
             completion_only_loss=True, max_length=None, padding_free=TRL_MODES[mode]["padding_free"],
@@ -237,7 +237,8 @@ def main() -> int:
     from cwt_ray.config import load_config
     from cwt_ray.pipeline import ray_session, run_stages
     from cwt_ray.student import load_tokenizer, resolve_student
-    from cwt_ray.train import epoch_steps, load_samples
+    from cwt_ray.batches import epoch_steps
+    from cwt_ray.train import load_samples
 
     trl_modes = [m for m in a.trl.split(",") if m]
     if set(trl_modes) - set(TRL_MODES):

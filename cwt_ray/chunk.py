@@ -241,8 +241,8 @@ class Chunker:
             self.student = load_model(student_path, self.exp.student.trust_remote_code).to(self.device).eval()
             self.builder = SampleBuilder(load_tokenizer(student_path), self.exp)
         if self.student is not None:
-            from .train import SupervisedLoss
-            self.scorer = SupervisedLoss(self.student)
+            from .student import needs_full_head
+            self.full_head = needs_full_head(self.student)
         self.params = json.dumps(self.cfg.model_dump(exclude={"batch_size", "concurrency", "cpus_per_actor",
                                                                "gpus_per_actor", "view_samples"}), sort_keys=True)
         self.done_dir = Path(done_dir) if done_dir else None
@@ -330,16 +330,10 @@ class Chunker:
     def _nll(self, ids, mask, cache, scored, target):
         """Token NLL at the `scored` positions (bool, shaped like ids) against `target`, continuing
         from `cache` (or from scratch); returns it (fp32) and the KV cache."""
-        import torch.nn.functional as F
+        from .student import token_nll
 
-        lm = self.scorer._causal_lm()
-        if self.scorer.full_head:   # logits rescaled or soft-capped inside the model's head
-            out = lm(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
-            logits = out.logits[scored]
-        else:
-            out = lm.base_model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
-            logits = lm.get_output_embeddings()(out.last_hidden_state[scored])
-        return F.cross_entropy(logits.float(), target, reduction="none"), out.cache
+        return token_nll(self.student, ids, scored, target, attention_mask=mask, cache=cache, use_cache=True,
+                         full_head=self.full_head)
 
     def _chunk_one(self, record: dict, ends: list[int], steps: list[str], emb: np.ndarray | None) -> dict:
         cfg, rationale = self.cfg, record["rationale"]

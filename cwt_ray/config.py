@@ -275,15 +275,24 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (smoke runs).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the method's samples (fractions allowed).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (smoke runs). The "
+                                                              "schedule decays over these steps.")
     batch_size: int = Field(8, ge=1, description="Samples per optimizer step, over all workers and accumulation.")
-    micro_batch_size: int = Field(8, ge=1, description="Samples per forward pass on one worker.")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    micro_batch_size: int = Field(
+        8, ge=1, description="Samples per forward pass on one worker (batch_size / num_workers / this = gradient "
+                             "accumulation). With packing, these samples are laid into rows of at most pack_tokens.")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (reached after the warm-up).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="After the warm-up: 'linear' decay to 0 at the last step (the standard fine-tuning "
+                              "schedule, and the plain reference loop's), 'cosine' to 0, or 'constant'. A constant "
+                              "rate leaves the loss on a plateau above what the decayed run reaches.")
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Linear warm-up over this share of the steps (rounded up: 10 of 188 steps), so "
+                                      "AdamW's first, poorly estimated updates are small. warmup_steps wins when set.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warm-up steps; None = warmup_ratio of the steps.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the gradient's global norm (None = no clipping).")
     loss_normalizer: Literal["token", "sample", "chunk"] = Field(
         "token", description="'token': sum of token losses / supervised tokens of the whole optimizer step; "
                              "'sample': mean over each sample's target tokens, then mean over samples; "
@@ -293,17 +302,29 @@ class TrainConfig(_Strict):
                                "'per_rationale': a step holds at most one chunk of a rationale (rounds over "
                                "rationales); 'single_pass': all chunks of a rationale in one forward pass, "
                                "each chunk its own target (use with loss_normalizer=chunk).")
+    packing: bool = Field(
+        True, description="Lay each forward pass's samples end to end into rows of at most pack_tokens tokens "
+                          "(position ids restart per sample; no sample attends to another): no compute on "
+                          "padding, and steps stay uniform random draws. False: one padded row per sample.")
+    pack_tokens: Optional[int] = Field(
+        None, ge=16, description="Longest packed row; None = student.max_length. The attention mask is dense "
+                                 "(rows x L x L), so larger rows cost quadratic attention on CPU.")
     bucket_factor: int = Field(
-        16, ge=0, description="Length bucketing: sort each window of bucket_factor x batch_size samples by "
-                              "length before cutting steps, then shuffle the steps (0 = off). Less padding.")
+        0, ge=0, description="Length bucketing (0 = off): sort windows of bucket_factor x batch_size samples by "
+                             "length before cutting steps. Less padding without packing, but steps then hold "
+                             "look-alike samples (one template's rationales have similar lengths), which trained "
+                             "a worse Std-CoT baseline; kept to reproduce older runs.")
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="Held-out loss (the method's validation samples, teacher-forced, same normaliser) "
+                                "every N steps and at the end; None = five times a run. Needs a validation split.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32", description="bf16 = autocast with fp32 master weights; auto = bf16 where the hardware computes it "
                             "natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32.")
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    log_every: int = Field(1, ge=1, description="Optimizer steps between progress lines / ray.train.report calls.")
-    seed: int = 0
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel: DDP or FSDP).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (also its torch threads).")
+    log_every: int = Field(1, ge=1, description="Optimizer steps between progress lines.")
+    seed: int = Field(0, description="Seeds the step order (each epoch's draw) and torch.")
     checkpoint_every: Optional[int] = Field(
         None, ge=1, description="Also checkpoint every N optimizer steps (always at each epoch end and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last M checkpoints of a run (older ones are deleted).")
@@ -418,16 +439,18 @@ class ExperimentConfig(_Strict):
         return Path(self.storage_path).expanduser().resolve() / self.name
 
     def fingerprint(self, *sections: str) -> str:
-        """Hash of the config sections a stage depends on; a changed hash means the stage is redone."""
-        # Values left at their defaults are not hashed, so a knob added in a later version (with a
-        # default that keeps the old behaviour) does not make finished runs look stale.
-        dump = self.model_dump(mode="json", exclude_defaults=True)
+        """Hash of the config sections a stage depends on; a changed hash means the stage is redone.
+
+        Every effective value is hashed, defaults included: a default changed in code (say the
+        learning-rate schedule) must redo the stages it affects, never silently reuse chunks or
+        students made under the old one. FINGERPRINT_VERSION moves when the hashed form changes."""
+        dump = self.model_dump(mode="json")
         for section, key in _OUTPUT_ONLY:   # what is written about a run, not what it computes
             dump.get(section, {}).pop(key, None)
         # A section ('train') or one key of it ('stt.gate'): inference knobs must not redo training.
         picked = {s: dump.get(s.split(".")[0], {}).get(s.split(".")[1]) if "." in s else dump.get(s, {})
                   for s in sections}
-        blob = json.dumps(picked, sort_keys=True)
+        blob = json.dumps({"version": FINGERPRINT_VERSION, "config": picked}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
@@ -435,7 +458,9 @@ class ExperimentConfig(_Strict):
 
 
 # Knobs that change only what a stage writes about itself; switching them never redoes a stage.
-_OUTPUT_ONLY = (("train", "tensorboard"),)
+_OUTPUT_ONLY = (("train", "tensorboard"), ("train", "log_every"))
+# Version of what stage fingerprints hash. 2: every effective value (1 hashed only non-defaults).
+FINGERPRINT_VERSION = 2
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -50,10 +50,7 @@ class RunState:
     def fingerprint(self, key: str) -> str:
         deps = _DEPS[key]
         if key == "chunk" and self.cfg.chunk.heuristic == "sbc":
-            # The search scores chunks in the training format. Hashed only when not at their
-            # defaults, so SBC runs finished before this rule do not look stale.
-            changed = self.cfg.model_dump(mode="json", exclude_defaults=True)
-            deps += tuple(s for s in ("prompt", "stages") if changed.get(s))
+            deps += ("prompt", "stages")   # the search scores chunks in the training format
         return self.cfg.fingerprint(*deps)
 
     def is_done(self, key: str) -> bool:
@@ -175,6 +172,8 @@ def _stage_data(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bo
 
 
 def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool) -> None:
+    import pyarrow.parquet as pq
+
     from .chunk import chunk_split
     from .student import resolve_student
 
@@ -194,6 +193,12 @@ def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
                  f"{s['sbc']['moves']} moves, {s['sbc']['candidates_scored']} candidates scored")
     print(f"[chunk] {s['chunked']} rationales -> {s['chunks']} chunks ({cfg.chunk.heuristic}, K<={cfg.chunk.num_chunks}), "
           f"{s['rejected']} rejected, {time.perf_counter() - t0:.1f}s{extra}\n[chunk] view: {out / 'view.html'}", flush=True)
+    # The validation rationales, chunked the same way, give CWT and STT their held-out loss.
+    validation = run_dir / "data" / "validation.parquet"
+    if validation.is_file() and pq.read_metadata(validation).num_rows:
+        v = chunk_split(validation, run_dir / "chunks" / "validation", cfg, str(student), str(scorer) if scorer else None)
+        print(f"[chunk] validation: {v['chunked']} rationales -> {v['chunks']} chunks (for the held-out loss), "
+              f"{v['rejected']} rejected", flush=True)
     state.mark("chunk")
 
 

@@ -103,28 +103,36 @@ def select_skips(k: int, score: Callable[[list[tuple[int, ...]]], list[Score]], 
 
 
 def answer_scores(model, seqs: list[list[int]], answer_lens: list[int], pad_id: int, batch_size: int) -> list[Score]:
-    """Score the last `answer_len` tokens of each sequence (the answer stage's target). The LM head
-    runs only on those positions: a full 49k-vocabulary head over every position would cost more
-    than the model."""
+    """Score the last `answer_len` tokens of each sequence (the answer stage's target): their mean
+    NLL and whether greedy decoding would write every one of them. The loss is student.token_nll's,
+    the one training uses (LM head only on the answer's positions, the full head for students that
+    rescale or soft-cap their logits)."""
     import torch
     import torch.nn.functional as F
 
+    from .student import scored_logits
+
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
     scores: list[Score] = []
     for b in range(0, len(seqs), batch_size):
         batch, lens = seqs[b:b + batch_size], answer_lens[b:b + batch_size]
         width = max(len(s) for s in batch)
         ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in batch], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=device)
+        # position p predicts token p+1: the answer's n tokens are predicted from the n before
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (seq, n) in enumerate(zip(batch, lens)):
+            scored[row, len(seq) - n - 1:len(seq) - 1] = True
+        target = ids[:, 1:][scored[:, :-1]]
         with torch.no_grad():
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            for row, (seq, n) in enumerate(zip(batch, lens)):
-                # position p predicts token p+1: the answer's n tokens are predicted from the n before
-                logits = head(hidden[row, len(seq) - n - 1:len(seq) - 1]).float()
-                target = ids[row, len(seq) - n:len(seq)]
-                nll = F.cross_entropy(logits, target, reduction="mean").item()
-                scores.append(Score(nll, bool((logits.argmax(-1) == target).all())))
+            logits, _ = scored_logits(model, ids, scored, attention_mask=mask)
+        logits = logits.float()
+        nll = F.cross_entropy(logits, target, reduction="none")
+        hit = logits.argmax(-1) == target
+        start = 0
+        for n in lens:   # scored positions come row by row, in order
+            scores.append(Score(float(nll[start:start + n].mean()), bool(hit[start:start + n].all())))
+            start += n
     return scores
 
 

@@ -129,3 +129,49 @@ def read_student_json(folder: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{folder} is not a saved cwt-ray student (no {STUDENT_JSON})")
     return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The student's loss on chosen positions: training, SBC chunk scoring and the skip gate all use it.
+# ---------------------------------------------------------------------------------------------
+
+def causal_lm(model):
+    """The *ForCausalLM module (under a peft wrapper when training LoRA adapters)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def needs_full_head(model) -> bool:
+    """Whether the model changes its logits after the LM head's matmul (Gemma 2's soft-cap,
+    Cohere's logit_scale, Granite's logits_scaling): then only its own forward gives them."""
+    cfg = causal_lm(model).config
+    return bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+                or getattr(cfg, "logits_scaling", 1.0) != 1.0)
+
+
+def scored_logits(model, input_ids, scored, *, attention_mask=None, position_ids=None, cache=None,
+                  use_cache: bool = False, full_head: bool | None = None):
+    """Logits at the `scored` positions only (bool, shaped like input_ids), in `scored.nonzero()`
+    order, and the KV cache when `use_cache`.
+
+    The LM head (hidden x 49k vocabulary for SmolLM2) runs only where a score is wanted: a CWT chunk
+    supervises a fraction of its sample's tokens, so this skips most of the largest matmul and the
+    logits tensor while giving exactly the logits of a full forward. `use_cache` is passed always:
+    a student loaded for generation has `config.use_cache=True`, and a model holding a cache
+    ignores packed position ids, letting packed samples attend to each other."""
+    lm = causal_lm(model)
+    if full_head if full_head is not None else needs_full_head(model):
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                 use_cache=use_cache)
+        return out.logits[scored], getattr(out, "cache", None)
+    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                        use_cache=use_cache)
+    return lm.get_output_embeddings()(out.last_hidden_state[scored]), getattr(out, "cache", None)
+
+
+def token_nll(model, input_ids, scored, target, **kwargs):
+    """fp32 next-token NLL at the `scored` positions against `target` (one id per scored position),
+    and the KV cache (see scored_logits for the keyword arguments)."""
+    import torch.nn.functional as F
+
+    logits, cache = scored_logits(model, input_ids, scored, **kwargs)
+    return F.cross_entropy(logits.float(), target, reduction="none"), cache

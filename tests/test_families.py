@@ -6,7 +6,8 @@ import torch
 from cwt_ray.config import StudentConfig, load_config
 from cwt_ray.samples import SampleBuilder, build_samples
 from cwt_ray.student import load_model, load_tokenizer, resolve_student
-from cwt_ray.train import SupervisedLoss, collate, normalised_loss
+from cwt_ray.batches import collate
+from cwt_ray.train import SupervisedLoss, forward_batch, normalised_loss, normaliser_counts
 from conftest import ROOT, full_forward_scores
 
 RECORDS = [{"id": "r1", "question": "Tom has 3 apples and buys 4. How many?",
@@ -49,15 +50,14 @@ def test_family_trains_and_generates_through_our_code(family_student):
     tok, model = load_tokenizer(path), load_model(path)
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"student.name={path}"])
     samples, _ = build_samples(SampleBuilder(tok, cfg), "cwt", RECORDS, CHUNKS)
-    ids, labels, groups, mask = collate(samples, tok.pad_token_id)
+    batch = collate(samples, tok.pad_token_id)
     # LM head on supervised positions only == the model's own full logits
-    tok_loss, rows, tok_groups = SupervisedLoss(model)(ids, mask, labels, groups)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    target = labels[:, 1:]
+    tok_loss, sample_idx, tok_groups = forward_batch(SupervisedLoss(model), batch)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    target = batch.labels[:, 1:]
     full = torch.nn.functional.cross_entropy(logits[target != -100], target[target != -100], reduction="none")
     assert torch.allclose(tok_loss, full, atol=1e-5), family
-    step = {"tokens": sum(s.supervised for s in samples), "samples": len(samples), "groups": len(samples)}
-    loss = normalised_loss(tok_loss, rows, tok_groups, len(samples), "token", step)
+    loss = normalised_loss(tok_loss, sample_idx, tok_groups, len(samples), "token", normaliser_counts(samples))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     new, _ = generate(model.eval(), tok, [samples[0].input_ids[:10]], 4)

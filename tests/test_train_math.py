@@ -8,7 +8,8 @@ import torch
 from cwt_ray.config import load_config
 from cwt_ray.samples import SampleBuilder, build_samples
 from cwt_ray.student import load_model
-from cwt_ray.train import SupervisedLoss, collate, epoch_steps, normalised_loss
+from cwt_ray.batches import collate, epoch_steps
+from cwt_ray.train import SupervisedLoss, forward_batch, normalised_loss, normaliser_counts
 from conftest import ROOT
 
 RECORDS = [
@@ -23,11 +24,9 @@ CHUNKS = {"r1": ["Tom starts with 3 apples.\n", "He buys 4 more.\n", "So 3 + 4 =
 
 def _grads(model, samples, normalizer, pad_id, loss_module=None):
     model.zero_grad(set_to_none=True)
-    ids, labels, groups, mask = collate(samples, pad_id)
-    tok_loss, rows, tok_groups = (SupervisedLoss(model) if loss_module is None else loss_module)(ids, mask, labels, groups)
-    step = {"tokens": sum(s.supervised for s in samples), "samples": len(samples),
-            "groups": sum(s.num_groups for s in samples)}
-    loss = normalised_loss(tok_loss, rows, tok_groups, len(samples), normalizer, step)
+    batch = collate(samples, pad_id)
+    tok_loss, sample_idx, tok_groups = forward_batch(SupervisedLoss(model) if loss_module is None else loss_module, batch)
+    loss = normalised_loss(tok_loss, sample_idx, tok_groups, len(samples), normalizer, normaliser_counts(samples))
     loss.backward()
     return loss.item(), [p.grad.clone() for p in model.parameters()]
 
@@ -106,12 +105,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_student, 
 
 def test_loss_by_kind_labels_chunk_answer_and_skip_targets(tokenizer):
     from cwt_ray.samples import KIND_ANSWER, KIND_CHUNK, KIND_SKIP
-    from cwt_ray.train import collate
-
     b = SampleBuilder(tokenizer, load_config(ROOT / "configs" / "smoke.yaml"))
     texts, stages = b.skip_chunks(CHUNKS["r1"], [2])
     samples = b.cwt(RECORDS[0], texts, stages) + [b.single_pass(RECORDS[0], texts, stages)]
-    *_, kinds = collate(samples, tokenizer.pad_token_id, with_kinds=True)
+    kinds = collate(samples, tokenizer.pad_token_id).kinds
     per_sample = [set(k.tolist()) - {0} for k in kinds[:4]]
     assert per_sample == [{KIND_CHUNK}, {KIND_SKIP}, {KIND_CHUNK}, {KIND_ANSWER}]
     assert set(kinds[4].tolist()) == {0, KIND_CHUNK, KIND_SKIP, KIND_ANSWER}
