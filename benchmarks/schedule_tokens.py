@@ -2,8 +2,9 @@
 
 For a config's data and chunks, builds the samples of Std-CoT and of CWT under each schedule
 (`shuffle`, `per_rationale`, `single_pass`) with the project's own code, cuts one epoch into
-optimizer steps and micro-batches exactly as the training loop does (`train.epoch_steps`,
-`worker_share`, `micro_batches`; right padding to the longest sample of a micro-batch), and counts:
+optimizer steps and micro-batches exactly as the training loop does (`batches.epoch_steps`,
+`worker_share`, `micro_batches`, `collate`: packed rows by default, `train.packing=false` for one
+right-padded row per sample), and counts:
 - processed tokens per supervised token (the cost of re-encoding each chunk's prefix), and
 - the real-token ratio (non-padding tokens / tokens computed), for several micro-batch sizes.
 Counts are deterministic, so the machine's load does not matter.
@@ -21,18 +22,19 @@ import sys
 from cwt_ray.config import load_config
 from cwt_ray.pipeline import ray_session, run_stages
 from cwt_ray.student import load_tokenizer, resolve_student
-from cwt_ray.batches import epoch_steps, micro_batches, worker_share
+from cwt_ray.batches import collate, epoch_steps, micro_batches, worker_share
 from cwt_ray.train import load_samples
 
 
-def count(samples, batch_size: int, micro: int, workers: int, schedule: str, bucket_factor: int, seed: int) -> dict:
+def count(samples, batch_size: int, micro: int, workers: int, schedule: str, bucket_factor: int, seed: int,
+          pack_tokens: int | None) -> dict:
     processed = computed = supervised = 0
     for step in epoch_steps(samples, batch_size, seed, 0, schedule, bucket_factor):
         for rank in range(workers):
             for mb in micro_batches(worker_share(step, rank, workers), samples, micro):
-                lengths = [len(samples[i].input_ids) for i in mb]
-                processed += sum(lengths)
-                computed += max(lengths) * len(lengths)
+                batch = collate([samples[i] for i in mb], 0, pack_tokens)   # the forward pass's real layout
+                processed += batch.real_tokens
+                computed += batch.computed_tokens
                 supervised += sum(samples[i].supervised for i in mb)
     return {"processed_per_supervised": processed / supervised, "real_token_ratio": processed / computed,
             "supervised_tokens": supervised, "processed_tokens": processed}
@@ -49,6 +51,7 @@ def main() -> int:
         run_stages(cfg, stages=("data", "chunk"))
     tok = load_tokenizer(resolve_student(cfg.student))
     t = cfg.train
+    pack = (t.pack_tokens or cfg.student.max_length) if t.packing else None
     rows = []
     for method, schedule in (("std_cot", "shuffle"), ("cwt", "shuffle"), ("cwt", "per_rationale"), ("cwt", "single_pass")):
         run_cfg = cfg.model_copy(deep=True)
@@ -58,15 +61,16 @@ def main() -> int:
             if (t.batch_size // t.num_workers) % micro:
                 continue
             c = count(samples, t.batch_size, micro, t.num_workers, schedule if method == "cwt" else "shuffle",
-                      t.bucket_factor, t.seed)
+                      t.bucket_factor, t.seed, pack)
             rows.append({"method": method, "schedule": schedule, "samples": len(samples), "micro_batch": micro, **c})
-    print(f"\n{cfg.name}: batch {t.batch_size}, {t.num_workers} worker(s), bucket_factor {t.bucket_factor}, one epoch")
+    layout = f"packed into rows of <= {pack} tokens" if pack else "padded rows"
+    print(f"\n{cfg.name}: batch {t.batch_size}, {t.num_workers} worker(s), {layout}, bucket_factor {t.bucket_factor}, one epoch")
     print(f"{'method':<8} {'schedule':<14} {'samples':>7} {'micro':>5} {'processed/supervised':>21} {'real-token ratio':>17}")
     for r in rows:
         print(f"{r['method']:<8} {r['schedule']:<14} {r['samples']:>7} {r['micro_batch']:>5} "
               f"{r['processed_per_supervised']:>21.2f} {r['real_token_ratio']:>17.3f}")
     print(json.dumps({"benchmark": "schedule_tokens", "config": args.config, "overrides": args.overrides,
-                      "batch_size": t.batch_size, "bucket_factor": t.bucket_factor, "rows": rows}))
+                      "batch_size": t.batch_size, "bucket_factor": t.bucket_factor, "pack_tokens": pack, "rows": rows}))
     return 0
 
 

@@ -297,11 +297,11 @@ def _stage_eval(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bo
 def preflight(cfg: ExperimentConfig, stages: tuple[str, ...], force: tuple[str, ...] = ()) -> None:
     """Check the paths a user named before any cluster starts, so a typo costs one line, not a
     Ray start-up and a traceback. What a finished stage needed is not asked for again: a run
-    directory chunked elsewhere trains on a machine without the embedding model."""
+    directory chunked elsewhere trains on a machine without the embedding model or the data files."""
     from .chunk import resolve_embedding_model
 
-    if "chunk" in stages and "chunk" not in force and RunState(cfg.run_dir, cfg).is_done("chunk"):
-        stages = tuple(s for s in stages if s != "chunk")
+    done = RunState(cfg.run_dir, cfg)
+    stages = tuple(s for s in stages if not (s in ("data", "chunk") and s not in force and done.is_done(s)))
     if "data" in stages and cfg.data.source == "files":
         from .readers import expand_paths
 

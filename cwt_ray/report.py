@@ -27,12 +27,18 @@ def plot_losses(run_dir: Path, methods: list[str], out: Path) -> bool:
         if not log.is_file():
             continue
         rows = [json.loads(line) for line in log.read_text().splitlines()]
+        name = METHOD_NAMES.get(method, method)
         # x = fraction of an epoch, so methods with different step counts share one axis.
-        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker=".", label=METHOD_NAMES.get(method, method))
+        line, = ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker=".", label=f"{name} training")
+        held = [r for r in rows if r.get("val_loss") is not None]
+        if held:   # a row's epoch is where its step starts; the held-out loss is measured after the step
+            per_step = (rows[-1]["epoch"] - rows[0]["epoch"]) / max(1, rows[-1]["step"] - rows[0]["step"])
+            ax.plot([r["epoch"] + per_step for r in held], [r["val_loss"] for r in held], linestyle="--", marker="o",
+                    color=line.get_color(), label=f"{name} held-out")
         drawn = True
     ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss (per supervised token)")
-    ax.set_title(f"{run_dir.name}: training loss")
+    ax.set_ylabel("loss (per the run's normaliser)")
+    ax.set_title(f"{run_dir.name}: training and held-out loss")
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend()
@@ -76,6 +82,7 @@ def write_report(cfg: ExperimentConfig, run_dir: Path) -> Path:
                      f"| {_fmt(e.get('latency_p90_s'), '.3f')} "
                      f"| {_fmt(e.get('batched_questions_per_s'), '.2f')} ({_ratio(e.get('batched_questions_per_s'), base.get('batched_questions_per_s'))}) |")
         training.append(f"| {name} | {_fmt(t.get('first_loss'), '.3f')} -> {_fmt(t.get('final_loss'), '.3f')} "
+                        f"| {_fmt(t.get('final_val_loss'), '.3f')} "
                         f"| {t.get('steps', 'n/a')} | {_fmt(t.get('train_time_s'), '.0f')} | {_fmt(t.get('processed_tokens_per_s'), '.0f')} "
                         f"| {_fmt(t.get('supervised_tokens_per_s'), '.0f')} | {_fmt(t.get('processed_per_supervised_token'), '.2f')} "
                         f"| {_fmt(t.get('real_token_ratio'), '.2f')} "
@@ -108,19 +115,20 @@ def write_report(cfg: ExperimentConfig, run_dir: Path) -> Path:
         "",
         "## Training",
         "",
-        "| method | loss first -> last | steps | train s | processed tok/s | supervised tok/s "
+        "| method | loss first -> last | held-out loss | steps | train s | processed tok/s | supervised tok/s "
         "| processed per supervised token | real-token ratio | loss by target (last 10 steps) | peak memory GB | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *training,
         "",
-        "Training throughput excludes the first (warm-up) step. *Processed* tokens are the non-padding tokens the "
+        "*Held-out loss*: the method's own samples built from the validation split, teacher-forced, at the end "
+        "of training (n/a without a validation split). Training throughput excludes the first (warm-up) step. *Processed* tokens are the non-padding tokens the "
         "student ran forward; *supervised* tokens are those the loss saw. STT continues from the CWT student. "
         "Peak memory: GPU allocated by torch, or the CPU worker's peak resident set. MFU (GPU only): "
         "6 x parameters x processed tokens/s over the GPUs' dense bf16 peak.",
         "",
     ]
     if plotted:
-        lines += ["![training loss](loss_curves.png)", ""]
+        lines += ["![training and held-out loss](loss_curves.png)", ""]
     if skip_summary:
         s = skip_summary
         lines += ["## Skip data (STT)", "",

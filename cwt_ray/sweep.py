@@ -41,6 +41,8 @@ from .config import (FINGERPRINT_VERSION, ExperimentConfig, UserError, _format_e
 # measured only when eval.latency_questions > 0).
 EVAL_METRICS = ("accuracy", "tokens_generated", "complete", "correct_format", "contains_answer", "latency_s",
                 "skipped_per_answer")
+# The held-out loss at the end of training (train_metrics.json final_val_loss), on the same split.
+OBJECTIVE_METRICS = EVAL_METRICS + ("val_loss",)
 # Sections a trial must not change: they say where and how the sweep itself runs.
 NOT_SEARCHABLE = ("name", "storage_path", "methods", "ray", "debug")
 
@@ -82,7 +84,9 @@ class Param(_Strict):
 
 
 class Objective(_Strict):
-    metric: Literal[EVAL_METRICS] = Field(..., description="Validation metric of the swept method.")
+    metric: Literal[OBJECTIVE_METRICS] = Field(
+        ..., description="Validation metric of the swept method: an evaluation metric, or 'val_loss' (the "
+                         "held-out loss at the end of training: less noisy than accuracy on a small split).")
     mode: Literal["max", "min"]
 
 
@@ -445,6 +449,7 @@ def run_trial(params: dict, sweep: Sweep) -> None:
     wall = t["evaluated"] - t["start"]
     tune.report({
         **{k: ev.get(k) for k in EVAL_METRICS}, "n": ev["n"], "loss": trained[method]["final_loss"],
+        "val_loss": trained[method].get("final_val_loss"),
         "train_steps": trained[method]["steps"], "train_step_s": step_s, "generate_s": generate_s,
         "prepare_s": t["prepared"] - t["start"], "train_wall_s": t["trained"] - t["prepared"],
         "eval_wall_s": t["evaluated"] - t["trained"], "trial_wall_s": wall,

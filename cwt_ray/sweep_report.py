@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from .sweep import EVAL_METRICS, Sweep, pareto_front
+from .sweep import OBJECTIVE_METRICS, Sweep, pareto_front
 
 
 def _plt():
@@ -67,7 +67,7 @@ def build_study(sweep: Sweep, rows: list[dict], storage: str | None = None):
         done = r["status"] == "done"
         state = TrialState.COMPLETE if done else (TrialState.PRUNED if r["status"] == "stopped" else TrialState.FAIL)
         params = {k: v for k, v in r["params"].items() if k in space}
-        attrs = {"tune_trial_id": r["trial_id"], **{m: r["metrics"].get(m) for m in EVAL_METRICS}}
+        attrs = {"tune_trial_id": r["trial_id"], **{m: r["metrics"].get(m) for m in OBJECTIVE_METRICS}}
         study.add_trial(create_trial(
             state=state, params=params, distributions={k: _distribution(space[k]) for k in params},
             values=[r["metrics"][o.metric] for o in c.objectives] if done else None, user_attrs=attrs))

@@ -131,42 +131,96 @@ def test_eval_of_chosen_methods_only(ray_cluster, smoke_cfg, run_shared):
     assert RunState(cfg.run_dir, cfg).is_done("eval/cwt") and not RunState(cfg.run_dir, cfg).is_done("eval/std_cot")
 
 
-def test_ray_train_with_one_worker_matches_a_plain_pytorch_loop(ray_cluster, smoke_cfg, tiny_student, run_shared):
-    """Same data and seed: the Ray Train run (DDP wrapper, our LM-head-on-targets loss, our
-    normaliser, checkpoints) and a plain loop with HF's full logits give the same loss curve."""
-    from cwt_ray.reference import plain_train
+def test_ray_train_matches_a_plain_loop_over_hugging_faces_own_loss(ray_cluster, smoke_cfg, tiny_student, run_shared):
+    """The independent check: a plain loop that shares none of our batching, loss or schedule code
+    (Hugging Face's `labels=` loss: its own shift and mean; torch's AdamW and clipping; the
+    schedule written out here) trains on the sample ids our trainer logged for each step, and
+    gets the trainer's per-step losses (token normaliser, padded, fp32)."""
+    import math
 
-    # CWT only: its samples (prompt + earlier chunks -> one chunk) include Std-CoT's shape, and
-    # test_cwt_with_one_chunk_... ties the two methods' training together.
-    cfg = smoke_cfg("name=plain", "methods=[cwt]", "train.max_steps=4", "train.micro_batch_size=4")
-    run_shared(cfg, stages=("data", "chunk", "train"))
-    plain = [r["loss"] for r in plain_train(cfg, "cwt", cfg.run_dir, tiny_student)]
-    assert len(plain) == 4
-    assert _losses(cfg.run_dir, "cwt") == pytest.approx(plain, rel=1e-5)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cwt_ray.student import load_tokenizer
+    from cwt_ray.train import load_samples
+
+    steps = 5
+    cfg = smoke_cfg("name=hf-labels", "methods=[std_cot]", f"train.max_steps={steps}", "train.epochs=2",
+                    "train.micro_batch_size=8",
+                    "train.packing=false", "train.precision=fp32", "train.warmup_steps=2", "train.lr=1e-3")
+    run_shared(cfg, stages=("data", "train"))
+    log = [json.loads(r) for r in (cfg.run_dir / "students" / "std_cot" / "train_log.jsonl").read_text().splitlines()]
+    tok = load_tokenizer(tiny_student)
+    samples, _ = load_samples(cfg, "std_cot", cfg.run_dir, tok)   # sample building, not batching or loss
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    warmup = 2
+    schedule = torch.optim.lr_scheduler.LambdaLR(   # warm-up, then linear decay to 0 at the last step
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 1 - (s - warmup) / (steps - warmup))
+    plain = []
+    for row in log:
+        batch = [samples[i] for i in row["sample_ids"]]
+        width = max(len(s.input_ids) for s in batch)
+        ids = torch.tensor([s.input_ids + [tok.pad_token_id] * (width - len(s.input_ids)) for s in batch])
+        labels = torch.tensor([s.labels + [-100] * (width - len(s.labels)) for s in batch])
+        mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        plain.append(loss.item())
+    assert len(plain) == steps and all(math.isfinite(x) for x in plain)
+    assert [r["loss"] for r in log] == pytest.approx(plain, rel=1e-5)
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in (0.5, 1.0, 1.0, 2 / 3, 1 / 3)], rel=1e-6)
+
+
+def _rows_per_forward(cfg, method, step_ids, pack_tokens) -> list[int]:
+    """Packed rows of each forward pass of each worker, replaying the logged steps."""
+    from cwt_ray.batches import micro_batches, pack_rows, worker_share
+    from cwt_ray.student import load_tokenizer, resolve_student
+    from cwt_ray.train import load_samples
+
+    samples, _ = load_samples(cfg, method, cfg.run_dir, load_tokenizer(resolve_student(cfg.student)))
+    t = cfg.train
+    return [len(pack_rows([len(samples[i].input_ids) for i in mb], pack_tokens))
+            for step in step_ids for rank in range(t.num_workers)
+            for mb in micro_batches(worker_share(step, rank, t.num_workers), samples, t.micro_batch_size)]
 
 
 @pytest.mark.parametrize("method, normalizer, layouts", [
-    ("std_cot", "token", {"8x1x1": (8, 1), "4x2x1": (4, 1), "4x1x2": (4, 2)}),
-    ("std_cot", "sample", {"8x1x1": (8, 1), "4x1x2": (4, 2)}),
-    ("cwt", "chunk", {"8x1x1": (8, 1), "4x2x1": (4, 1), "4x1x2": (4, 2)}),
+    ("std_cot", "token", {"8x1x1": (8, 1, None), "4x2x1": (4, 1, None), "4x1x2": (4, 2, None),
+                          "8x1x1 padded": (8, 1, False), "4x1x2 packed small": (4, 2, 448)}),
+    ("std_cot", "sample", {"8x1x1": (8, 1, None), "4x1x2 packed small": (4, 2, 448)}),
+    ("cwt", "chunk", {"8x1x1": (8, 1, None), "4x2x1": (4, 1, None), "4x1x2 packed small": (4, 2, 448),
+                      "8x1x1 padded": (8, 1, False)}),
 ])
-def test_loss_invariant_to_micro_batch_accumulation_and_workers(ray_cluster, smoke_cfg, run_shared, method,
-                                                               normalizer, layouts):
-    """batch 8 x accumulation 1 x 1 worker == 4 x 2 x 1 == 4 x 1 x 2: the normaliser is per optimizer step.
-    The cwt case uses the single-pass schedule, whose samples hold several chunks each. (Std-CoT's
-    4 x 2 x 1 token run is the smoke default for 3 steps, shared with the K=1 test.)"""
-    curves = {}
-    for label, (micro, workers) in layouts.items():
-        cfg = smoke_cfg(f"name=inv-{normalizer}-{label}", f"methods=[{method}]", "train.max_steps=3",
+def test_loss_invariant_to_micro_batch_accumulation_workers_and_packing(ray_cluster, smoke_cfg, run_shared, method,
+                                                                       normalizer, layouts):
+    """batch 8 x accumulation 1 x 1 worker == 4 x 2 x 1 == 4 x 1 x 2, packed (default rows, or rows
+    small enough that every worker packs >= 2 rows per forward pass) or padded: the normaliser is
+    per optimizer step, and every layout trains on the same samples in each step. The cwt case uses
+    the single-pass schedule, whose samples hold several chunks each."""
+    curves, ids = {}, {}
+    for label, (micro, workers, pack) in layouts.items():
+        layout = ["train.packing=false"] if pack is False else ([f"train.pack_tokens={pack}"] if pack else [])
+        cfg = smoke_cfg(f"name=inv-{normalizer}-{label.replace(' ', '-')}", f"methods=[{method}]", "train.max_steps=3",
                         "train.batch_size=8", f"train.micro_batch_size={micro}", f"train.num_workers={workers}",
-                        f"train.loss_normalizer={normalizer}",
+                        f"train.loss_normalizer={normalizer}", *layout,
                         *(["train.cwt_schedule=single_pass"] if method == "cwt" else []))
         run_shared(cfg, stages=("data", "chunk", "train"))
         curves[label] = _losses(cfg.run_dir, method)
+        ids[label] = _losses(cfg.run_dir, method, "sample_ids")
+        if pack:   # small rows: every worker's forward passes pack into >= 2 rows
+            assert min(_rows_per_forward(cfg, method, ids[label], pack)) >= 2
     reference = curves.pop("8x1x1")
     assert len(reference) == 3
     for label, curve in curves.items():
         assert curve == pytest.approx(reference, rel=1e-5), label
+        assert ids[label] == ids["8x1x1"], label
+
 
 # The uninterrupted reference of the two kill tests below (trained once, by whichever runs first):
 # 32 samples / 8 = 4 steps an epoch, 12 steps on 2 workers; checkpoints every 3 steps and at epoch ends.
@@ -274,15 +328,18 @@ def test_fsdp_on_two_workers_trains_like_one_ddp_worker_and_saves_a_full_student
     a resumable checkpoint, and a final student folder with every weight."""
     from transformers import AutoModelForCausalLM
 
-    # The reference is the plain-loop test's run (same config: trained once, by whichever runs first).
     # A checkpoint every step: Ray Train registers one only at its next poll, and the kill before
     # step 4 must find one (a restart without a checkpoint would be killed again).
     ddp = smoke_cfg("name=ddp1", "methods=[cwt]", "train.max_steps=4", "train.micro_batch_size=4")
     run_shared(ddp, stages=("data", "chunk", "train"))
+    # Packed into small rows: each rank packs its share into several rows, and both ranks still run
+    # the same number of forward passes (one per micro-batch), so FSDP's gathers line up.
     fsdp = smoke_cfg("name=fsdp2", "methods=[cwt]", "train.max_steps=4", "train.checkpoint_every=1",
-                     "train.micro_batch_size=4", "train.num_workers=2", "train.strategy=fsdp", "debug.kill_at_step=4")
+                     "train.micro_batch_size=4", "train.num_workers=2", "train.strategy=fsdp", "debug.kill_at_step=4",
+                     "train.pack_tokens=448")
     run_shared(fsdp, stages=("data", "chunk", "train"))
     assert _losses(fsdp.run_dir, "cwt") == pytest.approx(_losses(ddp.run_dir, "cwt"), rel=1e-4)
+    assert min(_rows_per_forward(fsdp, "cwt", _losses(fsdp.run_dir, "cwt", "sample_ids"), 448)) >= 2
     # the gradient norm over sharded gradients is the global one (reduced over ranks), not a shard's
     assert _losses(fsdp.run_dir, "cwt", "grad_norm") == pytest.approx(_losses(ddp.run_dir, "cwt", "grad_norm"), rel=1e-4)
     saved = AutoModelForCausalLM.from_pretrained(fsdp.run_dir / "students" / "cwt").state_dict()

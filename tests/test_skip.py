@@ -202,3 +202,31 @@ def test_skip_aware_decoder_with_the_decision_off_is_the_chunk_wise_decoder(tiny
     proc = decision_processor(tokenizer, b, 1.0, "middle", len(prefixes))
     forbidden, _ = generate(model, tokenizer, prefixes, 12, proc)
     assert all(row[0] != skip_id for row in forbidden) and not any(d["skip"] for r in proc.decisions for d in r)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain_logits", "granite_logits_scaling"])
+def test_skip_gate_scores_the_answer_like_a_plain_full_forward(tokenizer, scaled):
+    """The gate's NLL is training's (student.token_nll): the LM head only on the answer's positions,
+    except for students that rescale their logits after the head (Granite's logits_scaling), which
+    need their own full forward. Checked against the model's own logits, row by row, unpadded."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from cwt_ray.skip import answer_scores
+
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(GraniteConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, logits_scaling=8.0 if scaled else 1.0, pad_token_id=tokenizer.pad_token_id)).eval()
+    seqs = [tokenizer("Tom has 3 apples and buys 4. So 7. #### 7")["input_ids"],
+            tokenizer("Two boxes of 5 pens hold 10 pens. #### 10")["input_ids"]]
+    lens = [3, 4]
+    scores = answer_scores(model, seqs, lens, tokenizer.pad_token_id, batch_size=2)
+    for seq, n, score in zip(seqs, lens, scores):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0].float()   # the model's own, full head
+        target = torch.tensor(seq[-n:])
+        nll = F.cross_entropy(logits[len(seq) - n - 1:len(seq) - 1], target).item()
+        assert score.nll == pytest.approx(nll, rel=1e-5)
+        assert score.correct == bool((logits[len(seq) - n - 1:len(seq) - 1].argmax(-1) == target).all())

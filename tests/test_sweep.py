@@ -285,3 +285,11 @@ def test_changed_sweep_file_is_not_resumed_into_an_old_sweep(tmp_path):
     (old.dir / "sweep.json").write_text(json.dumps({"fingerprint": "something-else"}))
     with pytest.raises(UserError, match="different sweep file or base config; re-run with --overwrite"):
         run_sweep(old)
+
+
+def test_held_out_loss_is_an_objective():
+    from cwt_ray.sweep import SweepConfig
+
+    cfg = SweepConfig.model_validate({"name": "s", "base": "smoke.yaml", "objectives": [{"metric": "val_loss", "mode": "min"}],
+                                      "search_space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}})
+    assert cfg.objectives[0].metric == "val_loss"
