@@ -87,22 +87,37 @@ class DataConfig(_Strict):
         default_factory=lambda: {k: k for k in RECORD_FIELDS},
         description="preset 'fields': which field of a row holds id/question/rationale/answer (dots reach into "
                     "nested objects, e.g. 'meta.uid'). A row without an id gets one from its question and rationale.")
-    agreement_filter: bool = Field(
-        True, description="Train split: keep a rationale only when the answer it ends with matches the gold answer "
-                          "(Fine-tune-CoT's filter). Evaluation splits are never filtered by the teacher.")
+    agreement_filter: Literal["stated", "strict", "off"] = Field(
+        "stated", description="Train split: judge what a rationale states (its layout's answer, the task's answer "
+                              "format, or 'the answer is ...'; never a stray yes/no word or number). 'stated': reject "
+                              "a stated answer that is not the gold one, keep and count (no_stated_answer) a rationale "
+                              "stating none: human-written rationales. 'strict': also reject those stating none: "
+                              "teacher completions, which should end in their answer (Fine-tune-CoT's filter). 'off': "
+                              "keep every rationale. true/false (older configs) mean strict/off. Evaluation splits "
+                              "are never filtered.")
     max_rationale_tokens: Optional[int] = Field(
         None, ge=1, description="Longest rationale in student tokens; None = student.max_length.")
     too_long: Literal["reject", "truncate"] = Field(
         "reject", description="A rationale over max_rationale_tokens: 'reject' the row or 'truncate' it (counted).")
     max_reject_fraction: Optional[float] = Field(
-        None, ge=0, le=1, description="Stop the run (exit 2, one line) when more than this share of all rows is "
-                                      "rejected; the rejects file is written first. None = never.")
+        0.5, ge=0, le=1, description="Stop the run (exit 2, one line naming the split, its commonest reject kind and "
+                                     "the key to change) when more than this share of a split's rows, or of all rows "
+                                     "(rows unusable before their split is known count there), is rejected; the "
+                                     "rejects file is written first. Splits (and data sets) under 20 rows are exempt. "
+                                     "None = never stop.")
     shard_mb: int = Field(16, ge=1, description="JSONL files are read in byte ranges of this size, one Ray task each.")
 
     @field_validator("source", mode="before")
     @classmethod
     def _old_name(cls, v):
         return "files" if v == "jsonl" else v
+
+    @field_validator("agreement_filter", mode="before")
+    @classmethod
+    def _old_switch(cls, v):
+        # Before the stated/strict split the filter was a switch: on judged every rationale by the
+        # answer it ended with, and rejected those that ended in none, which is what strict does.
+        return {True: "strict", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _paths_for_files(self) -> "DataConfig":

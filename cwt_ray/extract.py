@@ -4,6 +4,12 @@ An extractor reads what a student wrote and says which answer it gave, whether i
 task's answer format (`correct_format`), and whether the gold answer appears anywhere
 (`contains_answer`). Gold answers from data files go through the same parser, so a row whose
 answer cannot be read is rejected up front rather than scored wrong forever.
+
+`stated` is the strict half of `extract`: the answer a text carries in the task's answer format
+or an explicit phrase ("the answer is 7", "So the answer: no"). `extract` then falls back to the
+last yes/no word, number, choice mark or line, which suits scoring a student's output but not
+judging a human-written rationale: "there is no evidence that ..." states no "no". The data
+stage's agreement filter judges rationales by `stated` alone.
 """
 from __future__ import annotations
 
@@ -42,6 +48,14 @@ class Extraction:
     formatted: bool         # found in the task's answer format (e.g. after '####')
 
 
+NOTHING_STATED = Extraction(None, False)
+# An explicit statement in prose: "the answer is 7", "So the answer: no". What follows it on the
+# same line is read ("answer:" ending a line does not reach into the next one); "answered" and
+# "answer isn't" are not statements. The word-start check is a lookbehind after the literal, not a
+# leading \b: tried at every position, that \b made the pattern ~3x slower on prose without it.
+_ANSWER_IS = re.compile(r"answer(?<!\wanswer)(?:[ \t]+is\b|[ \t]*:)[: \t]*(.*)", re.IGNORECASE)
+
+
 class NumberExtractor:
     """Numbers: '#### 72', 'The answer is $1,234.', '-3', '0.5 kg'."""
 
@@ -49,23 +63,27 @@ class NumberExtractor:
         prefix, _, suffix = answer_template.partition("{answer}")
         # The answer format is located by the template's fixed text before the slot.
         self._formatted = re.compile(re.escape(prefix.strip()) + r"\s*(.+)") if prefix.strip() else None
-        self._answer_is = re.compile(r"answer is[:\s]*(.+)", re.IGNORECASE)
 
     def normalize_gold(self, answer: str) -> Optional[str]:
         value = parse_number(str(answer))
         return None if value is None else format_number(value)
 
-    def extract(self, text: str) -> Extraction:
+    def stated(self, text: str) -> Extraction:
         if self._formatted:
-            hits = self._formatted.findall(text)
-            for hit in hits:
+            for hit in self._formatted.findall(text):
                 value = parse_number(hit)
                 if value is not None:
                     return Extraction(format_number(value), True)
-        for hit in self._answer_is.findall(text):
+        for hit in _ANSWER_IS.findall(text):
             value = parse_number(hit)
             if value is not None:
                 return Extraction(format_number(value), False)
+        return NOTHING_STATED
+
+    def extract(self, text: str) -> Extraction:
+        got = self.stated(text)
+        if got.answer is not None:
+            return got
         numbers = [parse_number(m.group(0)) for m in _NUMBER.finditer(text)]
         numbers = [n for n in numbers if n is not None]
         return Extraction(format_number(numbers[-1]) if numbers else None, False)
@@ -89,9 +107,6 @@ def _prefix_pattern(answer_template: str) -> re.Pattern | None:
     return re.compile(re.escape(prefix) + r"[ \t]*(.*)") if prefix else None
 
 
-_ANSWER_IS = re.compile(r"answer is[:\s]*(.*)", re.IGNORECASE)
-
-
 class YesNoExtractor:
     """Yes/no questions: 'Yes.', '**no**', 'True', 'The answer is no, because...'. 'yesterday' is not
     'yes'; true/false count as yes/no (StrategyQA-style data writes both)."""
@@ -111,13 +126,19 @@ class YesNoExtractor:
         m = self._WORD.fullmatch(text.strip(" .!*\"'"))
         return self._CANON[m.group(1).lower()] if m else None
 
-    def extract(self, text: str) -> Extraction:
+    def stated(self, text: str) -> Extraction:
         for hit in _line_after(self._formatted, text):
             if (got := self._first(hit)) is not None:
                 return Extraction(got, True)
         for hit in _ANSWER_IS.findall(text):
-            if (got := self._first(hit.split("\n")[0])) is not None:
+            if (got := self._first(hit)) is not None:
                 return Extraction(got, False)
+        return NOTHING_STATED
+
+    def extract(self, text: str) -> Extraction:
+        got = self.stated(text)
+        if got.answer is not None:
+            return got
         words = self._WORD.findall(text)
         return Extraction(self._CANON[words[-1].lower()] if words else None, False)
 
@@ -151,13 +172,19 @@ class ChoiceExtractor:
         m = re.fullmatch(r"\(?([A-Ja-j])[).]?", text)
         return m.group(1).upper() if m else None
 
-    def extract(self, text: str) -> Extraction:
+    def stated(self, text: str) -> Extraction:
         for hit in _line_after(self._formatted, text):
             if (got := self._letter(hit, bare_ok=True)) is not None:
                 return Extraction(got, True)
         for hit in _ANSWER_IS.findall(text):
-            if (got := self._letter(hit.split("\n")[0], bare_ok=True)) is not None:
+            if (got := self._letter(hit, bare_ok=True)) is not None:
                 return Extraction(got, False)
+        return NOTHING_STATED
+
+    def extract(self, text: str) -> Extraction:
+        got = self.stated(text)
+        if got.answer is not None:
+            return got
         marks = self._MARKED.findall(text)
         return Extraction((marks[-1][0] or marks[-1][1]).upper() if marks else None, False)
 
@@ -184,13 +211,19 @@ class ExactExtractor:
         norm = normalize_text(answer)
         return norm or None
 
-    def extract(self, text: str) -> Extraction:
+    def stated(self, text: str) -> Extraction:
         for hit in _line_after(self._formatted, text):
             if normalize_text(hit):
                 return Extraction(normalize_text(hit), True)
         for hit in _ANSWER_IS.findall(text):
-            if normalize_text(hit.split("\n")[0]):
-                return Extraction(normalize_text(hit.split("\n")[0]), False)
+            if normalize_text(hit):
+                return Extraction(normalize_text(hit), False)
+        return NOTHING_STATED
+
+    def extract(self, text: str) -> Extraction:
+        got = self.stated(text)
+        if got.answer is not None:
+            return got
         lines = [normalize_text(line) for line in text.splitlines() if normalize_text(line)]
         return Extraction(lines[-1] if lines else None, False)
 

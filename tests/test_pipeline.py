@@ -175,6 +175,17 @@ def test_ray_train_matches_a_plain_loop_over_hugging_faces_own_loss(ray_cluster,
     assert len(plain) == steps and all(math.isfinite(x) for x in plain)
     assert [r["loss"] for r in log] == pytest.approx(plain, rel=1e-5)
     assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in (0.5, 1.0, 1.0, 2 / 3, 1 / 3)], rel=1e-6)
+    # The held-out loss after the last step is Hugging Face's loss of the final student on the
+    # validation split's Std-CoT samples (one padded batch: its mean is the token normaliser).
+    val, _ = load_samples(cfg, "std_cot", cfg.run_dir, tok, split="validation")
+    final = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "students" / "std_cot", dtype=torch.float32).eval()
+    width = max(len(s.input_ids) for s in val)
+    with torch.no_grad():
+        held_out = final(input_ids=torch.tensor([s.input_ids + [tok.pad_token_id] * (width - len(s.input_ids)) for s in val]),
+                         attention_mask=torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in val]),
+                         labels=torch.tensor([s.labels + [-100] * (width - len(s.labels)) for s in val])).loss.item()
+    assert log[-1]["val_loss"] == pytest.approx(held_out, rel=1e-5)
+    assert log[-1]["step"] == steps   # (five steps: the default eval_every measures it after each)
 
 
 def _rows_per_forward(cfg, method, step_ids, pack_tokens) -> list[int]:

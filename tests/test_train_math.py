@@ -150,3 +150,26 @@ def test_compiled_loss_module_gives_eager_loss_and_gradients(tiny_student, token
         for ge, gc in zip(grads_e, grads_c):
             torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # it did compile
+
+
+def test_no_validation_split_means_no_held_out_loss(tmp_path, tokenizer):
+    from cwt_ray.train import load_validation_samples
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"storage_path={tmp_path}"])
+    (cfg.run_dir / "data").mkdir(parents=True)
+    assert load_validation_samples(cfg, "std_cot", cfg.run_dir, tokenizer) is None
+    assert load_validation_samples(cfg, "cwt", cfg.run_dir, tokenizer) is None
+
+
+def test_warm_up_ratio_and_linear_decay():
+    """The default schedule: warm-up over ceil(5 %) of the steps, then linear decay to 0 at the end;
+    train.warmup_steps wins when set."""
+    from cwt_ray.config import TrainConfig
+    from cwt_ray.train import lr_lambda, warmup_steps
+
+    t = TrainConfig()
+    assert (t.lr_schedule, t.warmup_ratio, t.warmup_steps, t.bucket_factor, t.packing) == ("linear", 0.05, None, 0, True)
+    assert warmup_steps(t, 188) == 10 and warmup_steps(TrainConfig(warmup_steps=3), 188) == 3
+    f = lr_lambda(t, 188)
+    assert [f(s) for s in (0, 9)] == [pytest.approx(0.1), pytest.approx(1.0)]
+    assert f(10) == pytest.approx(1.0) and f(187) == pytest.approx(1 / 178) and f(188) == 0.0
