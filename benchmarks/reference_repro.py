@@ -42,6 +42,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 DEFAULT_SCRIPT = os.environ.get("REFERENCE_SCRIPT", "/work/shared/tools/reference_gsm.py")
 MAX_LEN, WARMUP, LR, CLIP = 320, 10, 1e-4, 1.0
 IGNORE = -100
+# Written into the JSON instead of the cache folder's local path (the weights' sha256 identifies them).
+STUDENT = "smollm2-135m (cwt-ray's converted student folder)"
 
 
 def student_folder() -> Path:
@@ -135,7 +137,7 @@ def run_plain(out: Path, steps: int, batch: int, seed: int, threads: int) -> dic
                      "truncated": sum(1 for i in ids_of_step if pairs[i][0][-1] != tok.eos_token_id)})
         print(f"plain step {s + 1}/{steps} loss {rows[-1]['loss']:.4f} lr {lr:.2e} sup {n_sup} {dt:.1f}s", flush=True)
     return {"source": "plain", "settings": {
-        "steps": steps, "batch": batch, "seed": seed, "threads": torch.get_num_threads(), "model": str(folder),
+        "steps": steps, "batch": batch, "seed": seed, "threads": torch.get_num_threads(), "model": STUDENT,
         "weights_sha256": weights_sha256(folder), "n_samples": len(pairs),
         "truncated_samples": sum(1 for x, _ in pairs if x[-1] != tok.eos_token_id),
         "train_s": round(time.perf_counter() - t_start, 1), "torch": torch.__version__}, "steps": rows}
@@ -165,11 +167,12 @@ def run_reference(out: Path, steps: int, batch: int, script: str) -> dict:
     rows = [{"step": s + 1, "loss": loss, "lr": None, "supervised_tokens": None, "step_time_s": None,
              "sample_ids": None, "elapsed_s": elapsed.get(s)} for s, loss in res["loss_log"]]
     return {"source": "reference", "settings": {
-        "steps": res["steps"], "batch": batch, "model": str(folder), "weights_sha256": weights_sha256(folder),
+        "steps": res["steps"], "batch": batch, "model": STUDENT, "weights_sha256": weights_sha256(folder),
         "n_samples": res.get("n_samples"), "supervised_tokens_total": res.get("supervised_tokens"),
         "processed_tokens_total": res.get("processed_tokens"), "train_s": res.get("train_s"),
         "wall_s": round(time.perf_counter() - t0, 1), "loss_rounding": 4,
-        "env": {k: env[k] for k in sorted(env) if k.startswith("REF_")}}, "steps": rows}
+        "env": {k: STUDENT if k == "REF_MODEL" else env[k] for k in sorted(env) if k.startswith("REF_")}},
+        "steps": rows}
 
 
 def run_ours(run_dir: Path) -> dict:
@@ -187,11 +190,12 @@ def run_ours(run_dir: Path) -> dict:
     return {"source": "ours", "settings": {"run_dir": str(run_dir), "train_log": str(path)}, "steps": rows}
 
 
-def window_means(curve: dict[int, float], n: int, size: int = 10) -> dict[str, float]:
+def window_means(curve: dict[int, float], n: int, size: int = 10, only: set[int] | None = None) -> dict[str, float]:
+    """Mean loss over steps 1-10, 11-20, ... (restricted to `only` steps when given)."""
     out = {}
     for lo in range(1, n + 1, size):
         hi = min(n, lo + size - 1)
-        vals = [curve[s] for s in range(lo, hi + 1) if s in curve]
+        vals = [curve[s] for s in range(lo, hi + 1) if s in curve and (only is None or s in only)]
         if vals:
             out[f"{lo}-{hi}"] = round(sum(vals) / len(vals), 4)
     return out
@@ -208,31 +212,37 @@ def compare(out: Path) -> dict:
     names = list(curves)
     n = max(max(c) for c in curves.values())
     pairs = [(a, b) for i, b in enumerate(names) for a in names[i + 1:]]   # (plain, reference), ...
+    fmt = lambda v: "" if v is None else f"{v:.4f}"
     print("| step | " + " | ".join(names) + " | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
     print("|---:|" + "---:|" * (len(names) + len(pairs)))
-    f = lambda v: "" if v is None else f"{v:.4f}"
     for s in range(1, n + 1):
         vals = [curves[k].get(s) for k in names]
         diffs = [curves[a][s] - curves[b][s] if s in curves[a] and s in curves[b] else None for a, b in pairs]
-        print(f"| {s} | " + " | ".join(map(f, vals)) + " | " + " | ".join("" if d is None else f"{d:+.4f}" for d in diffs) + " |")
-    means = {k: window_means(c, n) for k, c in curves.items()}
-    print("\n| window | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
-    for w in means[names[0]]:
-        print(f"| steps {w} | " + " | ".join(f(means[k].get(w)) for k in names) + " |")
-    result = {"window_means": means, "pairs": {}}
+        print(f"| {s} | " + " | ".join(map(fmt, vals)) + " | " + " | ".join("" if d is None else f"{d:+.4f}" for d in diffs) + " |")
+    result = {"window_means": {k: window_means(c, n) for k, c in curves.items()}, "pairs": {}}
     for a, b in pairs:
-        common = sorted(set(curves[a]) & set(curves[b]))
-        rel = [abs(curves[a][s] - curves[b][s]) / abs(curves[b][s]) for s in common]
-        wd = [abs(means[a][w] - means[b][w]) for w in means[a] if w in means[b]]
+        common = set(curves[a]) & set(curves[b])
+        if not common:
+            continue
+        # Window means of a pair over the steps both logged, so a shorter curve is compared like for like.
+        wa, wb = window_means(curves[a], n, only=common), window_means(curves[b], n, only=common)
+        rel = [abs(curves[a][s] - curves[b][s]) / abs(curves[b][s]) for s in sorted(common)]
         result["pairs"][f"{a}-{b}"] = {
-            "steps": len(common), "max_abs_step_diff": round(max(abs(curves[a][s] - curves[b][s]) for s in common), 5),
-            "max_rel_step_diff": round(max(rel), 6), "mean_rel_step_diff": round(sum(rel) / len(rel), 6),
-            "max_abs_window_mean_diff": round(max(wd), 5) if wd else None}
-    print("\n| pair | steps | max abs step diff | max rel step diff | mean rel step diff | max abs window-mean diff |")
+            "steps": len(common), "window_means": {w: [wa[w], wb[w], round(wa[w] - wb[w], 5)] for w in wa},
+            "max_abs_window_mean_diff": round(max(abs(wa[w] - wb[w]) for w in wa), 5),
+            "max_abs_step_diff": round(max(abs(curves[a][s] - curves[b][s]) for s in common), 5),
+            "max_rel_step_diff": round(max(rel), 6), "mean_rel_step_diff": round(sum(rel) / len(rel), 6)}
+    print("\n| window | " + " | ".join(names) + " | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
+    print("|---|" + "---:|" * (len(names) + len(pairs)))
+    for w in result["window_means"][names[0]]:
+        diffs = [result["pairs"].get(f"{a}-{b}", {}).get("window_means", {}).get(w) for a, b in pairs]
+        print(f"| steps {w} | " + " | ".join(fmt(result["window_means"][k].get(w)) for k in names) + " | "
+              + " | ".join("" if d is None else f"{d[2]:+.4f}" for d in diffs) + " |")
+    print("\n| pair | steps | max abs window-mean diff | max abs step diff | max rel step diff | mean rel step diff |")
     print("|---|---:|---:|---:|---:|---:|")
     for k, v in result["pairs"].items():
-        print(f"| {k} | {v['steps']} | {v['max_abs_step_diff']:.5f} | {v['max_rel_step_diff']:.2e} | "
-              f"{v['mean_rel_step_diff']:.2e} | {v['max_abs_window_mean_diff']} |")
+        print(f"| {k} | {v['steps']} | {v['max_abs_window_mean_diff']:.4f} | {v['max_abs_step_diff']:.4f} | "
+              f"{v['max_rel_step_diff']:.2e} | {v['mean_rel_step_diff']:.2e} |")
     return result
 
 

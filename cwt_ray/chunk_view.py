@@ -28,6 +28,9 @@ def summarise(table: pa.Table, rows_in: int, rejected: int, cfg: ChunkConfig) ->
         "heuristic": cfg.heuristic, "params": cfg.model_dump(), "rows_in": rows_in, "chunked": len(rows),
         "rejected": rejected, "chunks": int(sum(per)),
         "chunks_per_rationale": {str(k): per.count(k) for k in sorted(set(per))},
+        # Short rationales (fewer steps than K) and, with target_chunk_tokens or the semantic
+        # threshold, short or uniform ones get fewer than K chunks: how many did is worth seeing.
+        "fewer_chunks_than_k": sum(k < cfg.num_chunks for k in per),
         "chunk_tokens": _dist([t for r in rows for t in r["chunk_tokens"]]),
         "score": _dist([r["score"] for r in rows if r["score"] is not None]),
     }

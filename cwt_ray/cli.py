@@ -12,6 +12,10 @@ from .config import UserError, load_config
 COMMANDS = {
     "run": ("the whole pipeline: data -> chunk -> train -> eval -> report (finished stages are skipped)",
             ("data", "chunk", "train", "eval", "report"), ()),
+    "data": ("the data stage alone: read, validate and split the data into runs/<name>/data/, then print the data "
+             "check (per split rows kept and rejected by kind, rationales stating no answer, rationale lengths in "
+             "student tokens, steps per rationale against chunk.num_chunks, examples); always re-reads the files",
+             ("data",), ("data",)),
     "chunk": ("prepare the data splits and chunk every training rationale (Ray Data)",
               ("data", "chunk"), ("chunk",)),
     "train": ("train every method's student (Ray Train); needs `chunk` done",

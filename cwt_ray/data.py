@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import ExperimentConfig, UserError
+from .data_check import SPLITS, DataStop, Tally, check_reject_limit, summarise
 from .extract import get_extractor
 from .readers import PRESETS, Bad, get_field, derived_id, expand_paths, plan_shards, read_shard
 
-SPLITS = ("train", "validation", "test")
 RECORD_SCHEMA = pa.schema([
     ("id", pa.string()), ("question", pa.string()), ("rationale", pa.string()),
     ("answer", pa.string()), ("source", pa.string()),
@@ -42,7 +42,7 @@ REJECT_SCHEMA = pa.schema([
 VALIDATED_SCHEMA = pa.schema(list(RECORD_SCHEMA) + [
     ("split", pa.string()), ("file", pa.string()), ("line", pa.int64()), ("kind", pa.string()),
     ("reason", pa.string()), ("raw", pa.string()), ("id_key", pa.uint64()), ("q_key", pa.uint64()),
-    ("truncated", pa.bool_()),
+    ("truncated", pa.bool_()), ("stated_answer", pa.string()),
 ])
 
 
@@ -225,17 +225,27 @@ class Validator:
                        f"answer {rec['answer'][:100]!r} cannot be read by the '{self.task['answer_type']}' extractor")
         rec["answer"] = gold
         rec["split"] = split or hash_split(rec["id"], self.fractions)
+        rec["truncated"], rec["stated_answer"] = False, None
         if self.questions_only:
-            rec["truncated"] = False
             return rec
-        if rec["split"] == "train" and self.agreement:
-            said = cand["cot_answer"]
-            said = self.extractor.normalize_gold(said) if said is not None else \
-                self.extractor.extract(rec["rationale"]).answer
-            if not self.extractor.is_correct(said, gold):   # the evaluation's own comparison
-                return Bad("teacher_disagrees", f"rationale ends in {said!r}, gold answer is {gold!r}")
-        rec["truncated"] = False
+        said, canonical = self._stated(cand["cot_answer"], rec["rationale"])
+        rec["stated_answer"] = said
+        if rec["split"] == "train" and self.agreement != "off":
+            if said is None and self.agreement == "strict":
+                return Bad("no_stated_answer", "rationale states no answer (data.agreement_filter: strict)")
+            if said is not None and not self.extractor.is_correct(canonical, gold):   # the evaluation's comparison
+                return Bad("teacher_disagrees", f"rationale states {said!r}, gold answer is {gold!r}")
         return rec
+
+    def _stated(self, cot_answer: str | None, rationale: str) -> tuple[str | None, str | None]:
+        """What a rationale states as its answer (None: nothing) and that answer's canonical form
+        (None when it cannot be read, which never equals a gold answer). Only the layout's answer
+        (GSM8K's '####', Fine-tune-CoT's '-->'), the task's answer format or an explicit phrase
+        count: a human-written rationale's stray "no" or number is not an answer."""
+        if cot_answer is not None:
+            return cot_answer[:100], self.extractor.normalize_gold(cot_answer)
+        said = self.extractor.stated(rationale).answer
+        return (said[:100] if said is not None else None), said
 
     def could_be_too_long(self, rec: dict) -> bool:
         # A token covers at least one byte: only a rationale with more bytes than the limit needs counting.
@@ -253,7 +263,7 @@ class Validator:
                 raw_id = get_field(row, self.fields.get("id", "id")) if isinstance(row, dict) else None
                 out_split = split or (hash_split(str(raw_id), self.fractions) if isinstance(raw_id, (str, int)) else "")
                 values = {"id": "" if raw_id is None else str(raw_id)[:200], "split": out_split, "kind": out.kind,
-                          "reason": out.reason, "truncated": False, "id_key": 0, "q_key": 0,
+                          "reason": out.reason, "truncated": False, "id_key": 0, "q_key": 0, "stated_answer": None,
                           "raw": out.raw or (json.dumps(row, ensure_ascii=False, default=str)[:2000]
                                              if isinstance(row, dict) else "")}
                 values.update(question=None, rationale=None, answer=None, source=None)
@@ -364,114 +374,96 @@ def _reject_table(t: pa.Table) -> pa.Table:
     return t.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
 
 
+# The evaluation rows set aside until every train question is known.
+_PENDING_NAMES = RECORD_SCHEMA.names + ["q_key", "id_key", "truncated", "stated_answer"]
+
+
+def _take_batch(table: pa.Table, ids: KeySet, train_questions: KeySet, sink: _Sink, tally: Tally) -> None:
+    """One validated batch: duplicate ids out, train rows written, evaluation rows set aside until
+    every train question is known, rejects written; everything counted."""
+    tally.rows_in(table)
+    ok = pc.equal(table.column("kind"), "")
+    kept, rejected = table.filter(ok), table.filter(pc.invert(ok))
+    if kept.num_rows:
+        new = ids.add_new(kept.column("id_key").to_numpy())
+        if not new.all():
+            dup = kept.filter(pa.array(~new))
+            reasons = [f"duplicate id '{i}' (first kept)" for i in dup.column("id").to_pylist()]
+            dup = dup.set_column(dup.schema.get_field_index("kind"), "kind", pa.array(["duplicate_id"] * dup.num_rows))
+            dup = dup.set_column(dup.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+            rejected = pa.concat_tables([rejected, dup])
+            kept = kept.filter(pa.array(new))
+    train = kept.filter(pc.equal(kept.column("split"), "train"))
+    if train.num_rows:
+        tally.kept("train", train)
+        train_questions.add(train.column("q_key").to_numpy())
+        sink.write("train", _record_table(train))
+    for split in ("validation", "test"):
+        sink.write(f"{split}.pending", kept.filter(pc.equal(kept.column("split"), split)).select(_PENDING_NAMES))
+    if rejected.num_rows:
+        tally.rejected(rejected)
+        sink.write("rejects", _reject_table(rejected))
+
+
+def _drop_train_questions(folder: Path, split: str, train_questions: KeySet, sink: _Sink, tally: Tally) -> None:
+    """Writes an evaluation split from its pending rows without the questions that also occur in
+    training: those would measure memorisation, not reasoning."""
+    pending = folder / f"{split}.pending.parquet"
+    out = _Sink(folder)
+    pending_file = pq.ParquetFile(pending) if pending.is_file() else None
+    if pending_file is not None and pending_file.metadata.num_rows:
+        # One row group at a time: each is one streamed part (at most a shard's rows), so this
+        # pass holds a bounded amount (`iter_batches(4096)` held ~35 MiB more at 1M rows).
+        for i in range(pending_file.num_row_groups):
+            part = pending_file.read_row_group(i, use_threads=False)
+            seen = train_questions.contains(part.column("q_key").to_numpy())
+            fresh = part.filter(pa.array(~seen))
+            tally.kept(split, fresh)
+            out.write(split, _record_table(fresh))
+            if seen.any():
+                dup = part.filter(pa.array(seen))
+                n = dup.num_rows
+                rejects = pa.table({
+                    "split": [split] * n, "file": dup.column("source"), "line": pa.nulls(n, pa.int64()),
+                    "id": dup.column("id"), "kind": ["in_train_split"] * n,
+                    "reason": ["question also in the train split"] * n,
+                    "raw": pc.utf8_slice_codeunits(dup.column("question"), 0, 2000)}, schema=REJECT_SCHEMA)
+                sink.write("rejects", rejects)
+                tally.rejected(rejects)
+    pending_file = None
+    pending.unlink()
+    out.close(split, RECORD_SCHEMA)
+    release_free_heap()
+
+
 def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
     """Read, validate and split the configured data into data_dir (train/validation/test.parquet,
-    rejects.parquet, summary.json). Returns the summary."""
+    rejects.parquet, summary.json with the data check). Returns the summary; raises DataStop, with
+    everything written, when a split loses more than data.max_reject_fraction or train keeps nothing."""
     dumped = cfg.model_dump(mode="json")
     batches = _file_batches(cfg, dumped) if cfg.data.source == "files" else _gsm_symbolic_batches(cfg, dumped)
     tmp = data_dir.with_name(data_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     sink = _Sink(tmp)
-    ids, train_questions = KeySet(), KeySet()
-    counts = {s: Counter() for s in (*SPLITS, "")}
-    kinds: Counter = Counter()
+    ids, train_questions, tally = KeySet(), KeySet(), Tally()
     for table in batches:
-        for split, n in Counter(table.column("split").to_pylist()).items():
-            counts[split]["rows_in"] += n
-        ok = pc.equal(table.column("kind"), "")
-        kept = table.filter(ok)
-        rejected = table.filter(pc.invert(ok))
-        if kept.num_rows:
-            new = ids.add_new(kept.column("id_key").to_numpy())
-            if not new.all():
-                dup = kept.filter(pa.array(~new))
-                reasons = [f"duplicate id '{i}' (first kept)" for i in dup.column("id").to_pylist()]
-                dup = dup.set_column(dup.schema.get_field_index("kind"), "kind", pa.array(["duplicate_id"] * dup.num_rows))
-                dup = dup.set_column(dup.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
-                rejected = pa.concat_tables([rejected, dup])
-                kept = kept.filter(pa.array(new))
-        for split in SPLITS:
-            part = kept.filter(pc.equal(kept.column("split"), split))
-            if not part.num_rows:
-                continue
-            counts[split]["truncated"] += pc.sum(part.column("truncated")).as_py() or 0
-            if split == "train":
-                train_questions.add(part.column("q_key").to_numpy())
-                sink.write("train", _record_table(part))
-            else:   # checked against every train question once the stream is done
-                sink.write(f"{split}.pending", part.select(RECORD_SCHEMA.names + ["q_key"]))
-        if rejected.num_rows:
-            for split, n in Counter(rejected.column("split").to_pylist()).items():
-                counts[split]["rejected"] += n
-            kinds.update(rejected.column("kind").to_pylist())
-            sink.write("rejects", _reject_table(rejected))
+        _take_batch(table, ids, train_questions, sink, tally)
     sink.close("train", RECORD_SCHEMA)
     for split in ("validation", "test"):
         sink.close(f"{split}.pending", RECORD_SCHEMA)
-    # Evaluation questions that also occur in training would measure memorisation, not reasoning.
     for split in ("validation", "test"):
-        pending = tmp / f"{split}.pending.parquet"
-        out = _Sink(tmp)
-        pending_file = pq.ParquetFile(pending) if pending.is_file() else None
-        if pending_file is not None and pending_file.metadata.num_rows:
-            # One row group at a time: each is one streamed part (at most a shard's rows), so this
-            # pass holds a bounded amount (`iter_batches(4096)` held ~35 MiB more at 1M rows).
-            for i in range(pending_file.num_row_groups):
-                part = pending_file.read_row_group(i, use_threads=False)
-                seen = train_questions.contains(part.column("q_key").to_numpy())
-                out.write(split, _record_table(part.filter(pa.array(~seen))))
-                if seen.any():
-                    dup = part.filter(pa.array(seen))
-                    n = dup.num_rows
-                    sink.write("rejects", pa.table({
-                        "split": [split] * n, "file": dup.column("source"), "line": pa.nulls(n, pa.int64()),
-                        "id": dup.column("id"), "kind": ["in_train_split"] * n,
-                        "reason": ["question also in the train split"] * n,
-                        "raw": pc.utf8_slice_codeunits(dup.column("question"), 0, 2000)}, schema=REJECT_SCHEMA))
-                    counts[split]["rejected"] += n
-                    kinds["in_train_split"] += n
-        pending_file = None
-        pending.unlink()
-        out.close(split, RECORD_SCHEMA)
-        release_free_heap()
+        _drop_train_questions(tmp, split, train_questions, sink, tally)
     sink.close("rejects", REJECT_SCHEMA)
-    summary = _summary(cfg, tmp, counts, kinds, ids, train_questions)
+    summary = summarise(cfg, tmp, tally, ids, train_questions,
+                        lambda: student_tokenizer(cfg.student.model_dump(mode="json")))
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(data_dir, ignore_errors=True)
     tmp.rename(data_dir)   # a crash mid-way never leaves half a split under its final name
-    total = summary["all"]
-    limit = cfg.data.max_reject_fraction
-    if limit is not None and total["rows_in"] and total["rejected"] / total["rows_in"] > limit:
-        raise UserError(f"{total['rejected']} of {total['rows_in']} rows rejected "
-                        f"({total['rejected'] / total['rows_in']:.1%}), more than data.max_reject_fraction={limit}; "
-                        f"reasons in {data_dir / 'rejects.parquet'}")
+    check_reject_limit(cfg, summary, data_dir)
     if not summary["train"]["kept"]:
-        raise UserError(f"no usable training rows from data source '{cfg.data.source}' "
-                        f"(reasons in {data_dir / 'rejects.parquet'})")
-    return summary
-
-
-def _summary(cfg: ExperimentConfig, folder: Path, counts: dict, kinds: Counter, ids: KeySet,
-             train_questions: KeySet) -> dict:
-    summary = {}
-    for split in (*SPLITS, ""):
-        c = counts[split]
-        if split == "" and not c["rows_in"]:
-            continue
-        kept = pq.ParquetFile(folder / f"{split}.parquet").metadata.num_rows if split else 0
-        summary[split or "unsplit"] = {"rows_in": c["rows_in"], "kept": kept, "rejected": c["rejected"],
-                                       "truncated": c["truncated"]}
-    for name, c in summary.items():
-        assert c["rows_in"] == c["kept"] + c["rejected"], (name, c)   # nothing lost, ever
-    total = {k: sum(c[k] for c in summary.values()) for k in ("rows_in", "kept", "rejected", "truncated")}
-    total["rejected_by_kind"] = dict(sorted(kinds.items()))
-    if cfg.data.agreement_filter:
-        total["agreement_rejected"] = kinds.get("teacher_disagrees", 0)
-    total["unique_ids"] = len(ids)
-    total["id_hash_bytes"] = ids.nbytes
-    total["train_question_hash_bytes"] = train_questions.nbytes   # the evaluation-overlap check
-    summary["all"] = total
+        raise DataStop(f"no usable training rows from data source '{cfg.data.source}' "
+                       f"(reasons in {data_dir / 'rejects.parquet'})", summary)
     return summary
 
 

@@ -56,6 +56,15 @@ NOTHING_STATED = Extraction(None, False)
 _ANSWER_IS = re.compile(r"answer(?<!\wanswer)(?:[ \t]+is\b|[ \t]*:)[: \t]*(.*)", re.IGNORECASE)
 
 
+def _answer_phrases(text: str) -> list[str]:
+    """What follows each explicit statement of the answer in a text, to the end of its line."""
+    # A substring test first: the case-insensitive pattern scans every character (~4 us per 600),
+    # and most rationales people write never use the word ('answer', 'Answer' or 'ANSWER').
+    if "nswer" not in text and "NSWER" not in text:
+        return []
+    return _ANSWER_IS.findall(text)
+
+
 class NumberExtractor:
     """Numbers: '#### 72', 'The answer is $1,234.', '-3', '0.5 kg'."""
 
@@ -74,7 +83,7 @@ class NumberExtractor:
                 value = parse_number(hit)
                 if value is not None:
                     return Extraction(format_number(value), True)
-        for hit in _ANSWER_IS.findall(text):
+        for hit in _answer_phrases(text):
             value = parse_number(hit)
             if value is not None:
                 return Extraction(format_number(value), False)
@@ -130,7 +139,7 @@ class YesNoExtractor:
         for hit in _line_after(self._formatted, text):
             if (got := self._first(hit)) is not None:
                 return Extraction(got, True)
-        for hit in _ANSWER_IS.findall(text):
+        for hit in _answer_phrases(text):
             if (got := self._first(hit)) is not None:
                 return Extraction(got, False)
         return NOTHING_STATED
@@ -176,7 +185,7 @@ class ChoiceExtractor:
         for hit in _line_after(self._formatted, text):
             if (got := self._letter(hit, bare_ok=True)) is not None:
                 return Extraction(got, True)
-        for hit in _ANSWER_IS.findall(text):
+        for hit in _answer_phrases(text):
             if (got := self._letter(hit, bare_ok=True)) is not None:
                 return Extraction(got, False)
         return NOTHING_STATED
@@ -215,7 +224,7 @@ class ExactExtractor:
         for hit in _line_after(self._formatted, text):
             if normalize_text(hit):
                 return Extraction(normalize_text(hit), True)
-        for hit in _ANSWER_IS.findall(text):
+        for hit in _answer_phrases(text):
             if normalize_text(hit):
                 return Extraction(normalize_text(hit), False)
         return NOTHING_STATED

@@ -161,13 +161,18 @@ def student_info(cfg: ExperimentConfig, method: str) -> dict:
 
 def _stage_data(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: bool) -> None:
     from .data import write_splits
+    from .data_check import DataStop, format_check
 
     if state.is_done("data") and not force:
         print("[data] up to date, skipped", flush=True)
         return
-    summary = write_splits(cfg, run_dir / "data")
-    counts = ", ".join(f"{s} {c['kept']} kept / {c['rejected']} rejected" for s, c in summary.items())
-    print(f"[data] {counts} -> {run_dir / 'data'}", flush=True)
+    where = run_dir / "data" / "summary.json"
+    try:
+        summary = write_splits(cfg, run_dir / "data")
+    except DataStop as stop:   # what the data holds, then the one-line reason it stops
+        print(format_check(stop.summary, str(where)), flush=True)
+        raise
+    print(format_check(summary, str(where)), flush=True)
     state.mark("data")
 
 
@@ -191,8 +196,9 @@ def _stage_chunk(cfg: ExperimentConfig, run_dir: Path, state: RunState, force: b
     if "sbc" in s:
         extra = (f"; sbc: mean chunk loss {s['sbc']['mean_loss_before']:.4f} -> {s['sbc']['mean_loss_after']:.4f}, "
                  f"{s['sbc']['moves']} moves, {s['sbc']['candidates_scored']} candidates scored")
-    print(f"[chunk] {s['chunked']} rationales -> {s['chunks']} chunks ({cfg.chunk.heuristic}, K<={cfg.chunk.num_chunks}), "
-          f"{s['rejected']} rejected, {time.perf_counter() - t0:.1f}s{extra}\n[chunk] view: {out / 'view.html'}", flush=True)
+    print(f"[chunk] {s['chunked']} rationales -> {s['chunks']} chunks ({cfg.chunk.heuristic}, K<={cfg.chunk.num_chunks}; "
+          f"{s['fewer_chunks_than_k']} with fewer than K), {s['rejected']} rejected, {time.perf_counter() - t0:.1f}s{extra}"
+          f"\n[chunk] view: {out / 'view.html'}", flush=True)
     # The validation rationales, chunked the same way, give CWT and STT their held-out loss.
     validation = run_dir / "data" / "validation.parquet"
     if validation.is_file() and pq.read_metadata(validation).num_rows:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .config import ExperimentConfig
+from .data_check import markdown_check
 from .train import TRAIN_LOG, TRAIN_METRICS
 
 METHOD_NAMES = {"std_cot": "Std-CoT", "cwt": "CWT", "stt": "STT"}
@@ -142,9 +143,8 @@ def write_report(cfg: ExperimentConfig, run_dir: Path) -> Path:
                   f"| {s['skip_sequences']} |", "",
                   "Per-rationale decisions with every removal tested: `skips/train/skips.parquet`.", ""]
     if data_summary:
-        lines += ["## Data", "", "| split | rows in | kept | rejected |", "|---|---|---|---|"]
-        lines += [f"| {s} | {c['rows_in']} | {c['kept']} | {c['rejected']} |" for s, c in data_summary.items()]
-        lines += ["", "Rejected rows and their reasons: `data/rejects.parquet`.", ""]
+        lines += ["## Data", "", *markdown_check(data_summary), "",
+                  "Rejected rows and their reasons: `data/rejects.parquet`; the same check: `cwt-ray data CONFIG`.", ""]
     lines += ["## Config", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))

@@ -70,7 +70,8 @@ study)
   export PYTHONPATH=/tmp/site:/tmp/gg:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   mkdir -p /tmp/runs && cp -r .gpu/runs/. /tmp/runs/
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
-  PYTHON=python3 bash jobs/gpu_study.sh --deadline "$seconds" --logs /tmp/runs/logs "$@" -- storage_path=/tmp/runs || true
+  # One run at a time (the first pass shared one GPU among five runs and measured the contention).
+  PYTHON=python3 bash jobs/gpu_study.sh --serial --deadline "$seconds" --logs /tmp/runs/logs "$@" -- storage_path=/tmp/runs || true
   out=${OUT:-/tmp/out}; mkdir -p "$out"
   tar -C /tmp -czf "$out/study.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude='ray' runs
   ls -la "$out"

@@ -167,6 +167,31 @@ def test_chunker_is_lossless_deterministic_and_rejects_bad_rows(tiny_student, he
     assert pa.Table.from_pylist(out, schema=CHUNK_SCHEMA).num_rows == len(ROWS)
 
 
+SHORT = [{"id": "one", "question": "Is a whale a fish?", "rationale": "Whales breathe air with lungs.", "answer": "no"},
+         {"id": "two", "question": "Could Napoleon have used a telephone?",
+          "rationale": "Napoleon died in 1821. Bell patented the telephone in 1876.", "answer": "no"}]
+
+
+@pytest.mark.parametrize("overrides", [("chunk.heuristic=average",), ("chunk.heuristic=semantic",),
+                                       ("chunk.heuristic=semantic", "chunk.semantic_mode=threshold"),
+                                       ("chunk.heuristic=sbc",)])
+def test_one_and_two_sentence_rationales_at_k5_get_a_chunk_per_sentence(tiny_student, overrides):
+    """Human-written rationales are often one or two sentences: at K=5 every heuristic caps K at
+    the steps there are, never makes an empty chunk, and the chunk summary counts them."""
+    from cwt_ray.chunk_view import summarise
+
+    chunker = _chunker(tiny_student, *overrides, "chunk.num_chunks=5", student=overrides[0].endswith("sbc"))
+    table = chunker(pa.Table.from_pylist(SHORT))
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    for record, k in zip(SHORT, (1, 2)):
+        got = by_id[record["id"]]
+        assert got["num_chunks"] == k and len(got["chunks"]) == k and len(got["boundaries"]) == k + 1
+        assert "".join(got["chunks"]) == record["rationale"] and all(c.strip() for c in got["chunks"])
+        assert all(n > 0 for n in got["chunk_tokens"]) and got["boundaries"] == sorted(set(got["boundaries"]))
+    summary = summarise(table, rows_in=2, rejected=0, cfg=chunker.cfg)
+    assert summary["fewer_chunks_than_k"] == 2 and summary["chunks_per_rationale"] == {"1": 1, "2": 1}
+
+
 LINES = {"id": "lines", "question": "q?", "rationale": "a = 2\nb = 3\nc = a + b = 5\nd = 7\ne = c + d = 12\nf = 1\nSo 13.",
          "answer": "13"}
 

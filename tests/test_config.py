@@ -31,7 +31,7 @@ def test_dotted_overrides_are_typed():
     ("chunk.heuristic=magic", "'chunk.heuristic'"),
     ("methods=[std_cot, foo]", "'methods.1'"),
     ("task.answer_template=no-slot", "'task.answer_template'"),
-    ("train.batch_size=6", "multiple of train.micro_batch_size"),
+    ("train.batch_size=7", "multiple of train.micro_batch_size"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(UserError) as err:
@@ -70,7 +70,7 @@ def test_cli_user_errors_exit_2_with_one_line(args, needle):
 
 
 def test_cli_help_for_every_command():
-    for cmd in ([], ["run"], ["chunk"], ["train"], ["eval"], ["report"]):
+    for cmd in ([], ["data"], ["run"], ["chunk"], ["train"], ["eval"], ["report"]):
         proc = subprocess.run([sys.executable, "-m", "cwt_ray.cli", *cmd, "--help"], capture_output=True, text=True,
                               cwd=ROOT, timeout=120)
         assert proc.returncode == 0 and "usage: cwt-ray" in proc.stdout

@@ -2,7 +2,6 @@
 rows in = kept + rejected, splits, the reject limit. File sources run through Ray Data (the
 shared session cluster); each test takes a second or two."""
 import json
-import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +62,10 @@ def _rows(table_path):
     return pq.read_table(table_path).to_pylist()
 
 
+def _counts(split: dict) -> dict:
+    return {k: split[k] for k in ("rows_in", "kept", "rejected", "truncated")}
+
+
 def test_jsonl_rows_in_equal_kept_plus_rejected(ray_cluster, smoke_cfg, tmp_path):
     good = {"id": "a", "question": "q1?", "rationale": "1 + 1 = 2", "answer": "2"}
     rows = [
@@ -75,7 +78,7 @@ def test_jsonl_rows_in_equal_kept_plus_rejected(ray_cluster, smoke_cfg, tmp_path
         {"id": "e", "question": "q4?", "rationale": ["r"], "answer": "4"},     # wrong type
         json.dumps([1, 2]),                                                     # not an object
         {"id": "f", "question": "q5?", "rationale": "2 * 3 = 6", "answer": "$6"},
-        {"id": "g", "question": "q6?", "rationale": "2 * 3 = 7", "answer": "6"},  # teacher disagrees
+        {"id": "g", "question": "q6?", "rationale": "2 * 3 = 7, so the answer is 7", "answer": "6"},  # disagrees
         {"id": "h", "question": "q7?", "rationale": "", "answer": "6"},        # empty rationale
     ]
     train = tmp_path / "train.jsonl"
@@ -85,11 +88,18 @@ def test_jsonl_rows_in_equal_kept_plus_rejected(ray_cluster, smoke_cfg, tmp_path
                         {"id": "t2", "question": "new?", "rationale": "x", "answer": "5"}])
     cfg = smoke_cfg("data.source=jsonl", f"data.train_path={train}", f"data.test_path={test}")
     summary = write_splits(cfg, tmp_path / "data")
-    assert summary["train"] == {"rows_in": 11, "kept": 2, "rejected": 9, "truncated": 0}
+    assert _counts(summary["train"]) == {"rows_in": 11, "kept": 2, "rejected": 9, "truncated": 0}
     # t1 repeats a train question; the teacher's "x" is not judged outside the train split
-    assert summary["test"] == {"rows_in": 2, "kept": 1, "rejected": 1, "truncated": 0}
+    assert _counts(summary["test"]) == {"rows_in": 2, "kept": 1, "rejected": 1, "truncated": 0}
     assert summary["all"]["rows_in"] == summary["all"]["kept"] + summary["all"]["rejected"] == 13
     assert summary["all"]["agreement_rejected"] == 1
+    # kinds and one reason each, per split; "1 + 1 = 2" and "2 * 3 = 6" state no answer: kept, counted
+    assert summary["train"]["rejected_by_kind"] == {
+        "duplicate_id": 1, "invalid_json": 1, "missing_field": 2, "not_an_object": 1, "not_utf8": 1,
+        "teacher_disagrees": 1, "unreadable_answer": 1, "wrong_type": 1}
+    assert summary["train"]["reject_examples"]["teacher_disagrees"] == "rationale states '7', gold answer is '6'"
+    assert summary["test"]["rejected_by_kind"] == {"in_train_split": 1}
+    assert (summary["train"]["no_stated_answer"], summary["test"]["no_stated_answer"]) == (2, 1)
     rejects = _rows(tmp_path / "data" / "rejects.parquet")
     by_line = {(r["split"], r["line"]): (r["kind"], r["reason"]) for r in rejects}
     assert by_line[("train", 2)][0] == "invalid_json"
@@ -175,7 +185,7 @@ def test_folders_globs_and_byte_range_shards_keep_line_numbers(ray_cluster, smok
     cfg = smoke_cfg("data.source=files", f"data.train_path=[{folder}, '{tmp_path}/b*.jsonl']", f"data.test_path={test}",
                     "data.shard_mb=1")
     summary = write_splits(cfg, tmp_path / "data")
-    assert summary["train"] == {"rows_in": 6006, "kept": 6005, "rejected": 1, "truncated": 0}
+    assert _counts(summary["train"]) == {"rows_in": 6006, "kept": 6005, "rejected": 1, "truncated": 0}
     [reject] = _rows(tmp_path / "data" / "rejects.parquet")
     assert (reject["file"], reject["line"], reject["kind"]) == (str(big), 4322, "invalid_json")
     kept = _rows(tmp_path / "data" / "train.parquet")
@@ -232,10 +242,10 @@ def test_long_rationales_rejected_or_truncated(ray_cluster, smoke_cfg, tmp_path)
                         {"id": "short", "question": "q2?", "rationale": "So 7.", "answer": "7"}])
     base = ("data.source=files", f"data.train_path={path}", f"data.test_path={path}", "data.agreement_filter=false")
     summary = write_splits(smoke_cfg(*base), tmp_path / "r")
-    assert summary["train"] == {"rows_in": 2, "kept": 1, "rejected": 1, "truncated": 0}
+    assert _counts(summary["train"]) == {"rows_in": 2, "kept": 1, "rejected": 1, "truncated": 0}
     assert _rows(tmp_path / "r" / "rejects.parquet")[0]["kind"] == "too_long"
     summary = write_splits(smoke_cfg(*base, "data.too_long=truncate", "data.max_rationale_tokens=50"), tmp_path / "t")
-    assert summary["train"] == {"rows_in": 2, "kept": 2, "rejected": 0, "truncated": 1}
+    assert _counts(summary["train"]) == {"rows_in": 2, "kept": 2, "rejected": 0, "truncated": 1}
     rec = _rows(tmp_path / "t" / "train.parquet")[0]
     assert long.startswith(rec["rationale"]) and 40 < len(rec["rationale"]) < 400
 
@@ -258,23 +268,157 @@ def test_hashed_splits_are_stable_when_files_are_reordered_or_resharded(ray_clus
     assert a == b and len(a["train"]) > 140 and a["validation"] and a["test"]
 
 
-def test_reject_limit_stops_the_run_with_exit_code_2(ray_cluster, tmp_path, capsys):
+def _validator(*overrides):
+    from cwt_ray.data import Validator
+
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["task.answer_type=yes_no", *overrides])
+    return Validator(cfg.model_dump(mode="json"))
+
+
+# Human-written yes/no rationales: facts that never restate the answer, with incidental "no" words.
+STATES_NONE = {"id": "none", "question": "Is the cheetah the fastest land animal?", "answer": "yes",
+               "rationale": "Cheetahs reach about 110 km per hour. No other land animal is known to run as fast."}
+STATES_RIGHT = {"id": "right", "question": "Is the Moon a planet?", "answer": "no",
+                "rationale": "The Moon orbits the Earth, not the Sun. The answer: no."}
+STATES_WRONG = {"id": "wrong", "question": "Does the Amazon flow into the Pacific?", "answer": "no",
+                "rationale": "The Amazon crosses Brazil to the Atlantic coast. So the answer is yes."}
+
+
+@pytest.mark.parametrize("setting, kept", [
+    ("stated", {"none", "right"}), ("strict", {"right"}), ("off", {"none", "right", "wrong"}),
+    ("true", {"right"}), ("false", {"none", "right", "wrong"}),   # the older switch: strict / off
+])
+def test_agreement_filter_judges_what_a_rationale_states(setting, kept):
+    from cwt_ray.readers import Bad
+
+    validator = _validator(f"data.agreement_filter={setting}")
+    out = {row["id"]: validator.check(row, "train") for row in (STATES_NONE, STATES_RIGHT, STATES_WRONG)}
+    assert {i for i, rec in out.items() if not isinstance(rec, Bad)} == kept
+    assert out["right"]["stated_answer"] == "no"
+    if "none" in kept:
+        assert out["none"]["stated_answer"] is None   # kept, and counted as stating no answer
+    else:
+        assert (out["none"].kind, out["none"].reason) == (
+            "no_stated_answer", "rationale states no answer (data.agreement_filter: strict)")
+    if "wrong" not in kept:
+        assert (out["wrong"].kind, out["wrong"].reason) == (
+            "teacher_disagrees", "rationale states 'yes', gold answer is 'no'")
+    # evaluation splits are never filtered, whatever the setting
+    assert not isinstance(validator.check(STATES_WRONG, "test"), Bad)
+
+
+def test_rationale_sample_is_the_smallest_id_hashes_in_any_order(monkeypatch):
+    """One sample over every split: the PROFILE_ROWS smallest id hashes, however the rows come."""
+    from cwt_ray import data_check
+
+    monkeypatch.setattr(data_check, "PROFILE_ROWS", 50)
+    rng = np.random.default_rng(0)
+    keys = rng.permutation(1000).astype(np.uint64) * np.uint64(7919)
+    split = np.where(np.arange(1000) % 10 == 0, "test", "train")
+    texts = pa.array([f"rationale {int(k)}" for k in keys])
+    smallest = np.argsort(keys)[:50]
+    for order in (np.arange(1000), rng.permutation(1000)):
+        sample = data_check.RationaleSample()
+        for batch in np.array_split(order, 13):
+            for name in ("train", "test"):
+                rows = batch[split[batch] == name]
+                sample.add(name, keys[rows], pa.chunked_array([texts.take(pa.array(rows, pa.int64()))]))
+        for name in ("train", "test"):
+            assert sorted(sample.of(name)) == sorted(f"rationale {int(keys[i])}" for i in smallest if split[i] == name)
+
+
+def _human_rows(n, prefix, wrong=0, sentences=(1, 2, 3)):
+    """n yes/no rows whose rationales state no answer (1-3 sentences); the first `wrong` state a wrong one."""
+    rows = []
+    for i in range(n):
+        facts = [f"Item {i} was recorded in {1900 + i}.", "There is no record of it being sold.",
+                 f"It weighs {i + 3} kg."][:sentences[i % len(sentences)]]
+        if i < wrong:
+            facts.append("So the answer is yes.")
+        rows.append({"id": f"{prefix}{i}", "question": f"Was item {i} of {prefix} ever sold?",
+                     "rationale": " ".join(facts), "answer": "no"})
+    return rows
+
+
+def test_data_check_counts_profiles_and_shows_examples(ray_cluster, smoke_cfg, tmp_path, monkeypatch):
+    """summary.json carries the data check: per split no_stated_answer, rejects by kind, rationale
+    tokens and steps (here on a sample of 10 of the 32 kept rows: the 10 smallest id hashes of all
+    splits, measured here again with the student's tokenizer), fewer steps than K, and the first
+    train rows as examples."""
+    from cwt_ray import data_check
+    from cwt_ray.chunk import step_boundaries
+    from cwt_ray.data import _key, student_tokenizer
+
+    monkeypatch.setattr(data_check, "PROFILE_ROWS", 10)
+    rows, test_rows = _human_rows(30, "t", wrong=2), _human_rows(4, "e")
+    _write_jsonl(tmp_path / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "test.jsonl", test_rows)
+    cfg = smoke_cfg("data.source=files", f"data.train_path={tmp_path / 'train.jsonl'}",
+                    f"data.test_path={tmp_path / 'test.jsonl'}", "task.answer_type=yes_no", "chunk.num_chunks=3")
+    summary = write_splits(cfg, tmp_path / "data")
+    train = summary["train"]
+    assert (train["kept"], train["rejected"], train["no_stated_answer"]) == (28, 2, 28)
+    assert train["rejected_by_kind"] == {"teacher_disagrees": 2}
+    assert summary["test"]["no_stated_answer"] == 4 and summary["validation"]["profile"] is None
+    sampled = [r for r in sorted(rows[2:] + test_rows, key=lambda r: _key(r["id"]))[:10] if r["id"].startswith("t")]
+    tok = student_tokenizer(cfg.student.model_dump(mode="json"))
+    tokens = sorted(len(tok.encode(r["rationale"], add_special_tokens=False).ids) for r in sampled)
+    steps = [len(step_boundaries(r["rationale"], "sentence")) for r in sampled]
+    p = train["profile"]
+    assert 0 < len(sampled) < 10   # the ids are such that both splits are sampled
+    assert (p["rows"], p["of"], p["sampled"], p["num_chunks"], p["step_unit"]) == (len(sampled), 28, True, 3, "sentence")
+    assert (p["rationale_tokens"]["min"], p["rationale_tokens"]["max"]) == (tokens[0], tokens[-1])
+    assert p["rationale_tokens"]["median"] == float(np.median(tokens))
+    assert p["fewer_steps_than_k"] == sum(s < 3 for s in steps) and p["steps"]["max"] == max(steps)
+    assert summary["test"]["profile"]["rows"] == 10 - len(sampled) and summary["test"]["profile"]["of"] == 4
+    assert [e["id"] for e in summary["all"]["examples"]] == ["t2", "t3", "t4"]
+    assert summary["all"]["examples"][0]["stated_answer"] is None and summary["all"]["examples"][0]["answer"] == "no"
+    assert json.loads((tmp_path / "data" / "summary.json").read_text())["train"]["profile"] == p
+
+
+def test_a_split_that_loses_most_rows_stops_with_one_line(ray_cluster, tmp_path, capsys):
+    """Default data.max_reject_fraction 0.5, per split: 20 of 30 train rows state a wrong answer.
+    `cwt-ray data` writes the rejects file and the data check, then exits 2 with one line naming the
+    split, the share, the commonest kind with an example reason and the key to change."""
     from cwt_ray.cli import main
 
     from conftest import ROOT
 
-    path = tmp_path / "bad.jsonl"
-    _write_jsonl(path, [ROWS[0], "{", "{", {"id": "z", "question": "q?", "rationale": "", "answer": "1"}])
-    test = tmp_path / "test.jsonl"
-    _write_jsonl(test, [{"id": "t", "question": "new?", "rationale": "-", "answer": "1"}])
+    _write_jsonl(tmp_path / "train.jsonl", _human_rows(30, "t", wrong=20))
+    _write_jsonl(tmp_path / "test.jsonl", _human_rows(4, "e"))
     args = [str(ROOT / "configs" / "smoke.yaml"), f"storage_path={tmp_path}", "data.source=files",
-            f"data.train_path={path}", f"data.test_path={test}"]
-    code = main(["chunk", *args, "data.max_reject_fraction=0.5"])
-    err = capsys.readouterr().err.strip()
+            f"data.train_path={tmp_path / 'train.jsonl'}", f"data.test_path={tmp_path / 'test.jsonl'}",
+            "task.answer_type=yes_no"]
+    code = main(["data", *args])
+    out, err = capsys.readouterr()
+    err = err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err
-    assert "3 of 5 rows rejected (60.0%)" in err and "max_reject_fraction=0.5" in err
+    assert "20 of 30 train rows rejected (66.7%), more than data.max_reject_fraction=0.5" in err
+    assert "most are teacher_disagrees (20), e.g. \"rationale states 'yes', gold answer is 'no'\"" in err
+    assert "see data.agreement_filter" in err and "null: never stop" in err
     assert (tmp_path / "smoke" / "data" / "rejects.parquet").is_file()   # written before stopping
-    shutil.rmtree(tmp_path / "smoke")
-    summary = write_splits(load_config(ROOT / "configs" / "smoke.yaml", args[1:] + ["data.max_reject_fraction=0.8"]),
-                           tmp_path / "ok")
-    assert summary["train"]["kept"] == 1   # under the limit: the run goes on
+    assert "[data] check" in out and "teacher_disagrees 20" in out       # and the check shown
+    assert main(["data", *args, "data.max_reject_fraction=null"]) == 0  # null: the old never-stop
+    assert main(["data", *args, "data.max_reject_fraction=0.7"]) == 0   # under the limit: goes on
+
+
+def test_small_splits_are_exempt_and_unsplit_rejects_count_in_all_rows(ray_cluster, smoke_cfg, tmp_path):
+    from cwt_ray.data_check import DataStop
+
+    # 30 good train rows; the test split loses 4 of 5 but has under 20 rows
+    _write_jsonl(tmp_path / "train.jsonl", _human_rows(30, "t"))
+    _write_jsonl(tmp_path / "test.jsonl", _human_rows(1, "e") + [{"id": f"x{i}", "question": "q?", "rationale": "r",
+                                                                "answer": "maybe"} for i in range(4)])
+    summary = write_splits(smoke_cfg("data.source=files", f"data.train_path={tmp_path / 'train.jsonl'}",
+                                     f"data.test_path={tmp_path / 'test.jsonl'}", "task.answer_type=yes_no"),
+                           tmp_path / "a")
+    assert summary["test"]["rejected_by_kind"] == {"unreadable_answer": 4}
+    # hashed splits: lines that are not JSON have no split; 25 of 35 rows lost counts against all rows
+    pool = tmp_path / "pool.jsonl"
+    _write_jsonl(pool, _human_rows(10, "p") + ["{not json"] * 25)
+    with pytest.raises(DataStop) as stop:
+        write_splits(smoke_cfg("data.source=files", f"data.paths=[{pool}]", "task.answer_type=yes_no"), tmp_path / "b")
+    assert "25 of 35 rows in all rejected (71.4%)" in str(stop.value) and "most are invalid_json (25)" in str(stop.value)
+    assert stop.value.summary["unsplit"]["rejected_by_kind"] == {"invalid_json": 25}

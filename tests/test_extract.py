@@ -102,3 +102,41 @@ def test_exact_extraction(text, answer, formatted):
     got = EX_STR.extract(text)
     assert (got.answer, got.formatted) == (answer, formatted)
     assert EX_STR.is_correct(got.answer, EX_STR.normalize_gold(answer or "x")) == (answer is not None)
+
+
+# What a rationale *states*: the answer format or an explicit phrase, never the fallbacks (a stray
+# yes/no word, the last number, a choice mark in passing), which the agreement filter must not judge.
+@pytest.mark.parametrize("answer_type, text, stated", [
+    # yes/no: human-written facts full of incidental "no" and "true"
+    ("yes_no", "There is no evidence that Lincoln met Darwin. Both were born on 12 February 1809.", None),
+    ("yes_no", "No penguin species lives in the Arctic; it is true that they live south of the equator.", None),
+    ("yes_no", "Penguins live only in the Southern Hemisphere. So the answer is no.", "no"),
+    ("yes_no", "Sharks are fish, not mammals. The answer: Yes", "yes"),     # a wrong one is still stated
+    ("yes_no", "Cats sleep 13 hours a day.\n#### **yes**", "yes"),
+    ("yes_no", "CATS SLEEP A LOT. THE ANSWER IS YES.", "yes"),
+    ("yes_no", "He answered: yes, politely.", None),                         # 'answered' is not 'answer'
+    ("yes_no", "The answer isn't obvious: no records survive.", None),
+    ("yes_no", "We need the answer:\nno records survive.", None),           # 'answer:' ends its line
+    # numbers: an incidental number is not a stated answer
+    ("number", "The Eiffel Tower is 330 metres tall and was finished in 1889.", None),
+    ("number", "3 boxes of 4 pens make 12 pens.\n#### 12", "12"),
+    ("number", "She had 5 apples and ate 2, so the answer is 3 apples.", "3"),
+    ("number", "She had 5 apples and ate 2. The Answer: $1,003.50", "1003.5"),
+    # choices: a letter in passing is not the answer
+    ("choice", "A whale is a mammal, as (C) and (D) say of dolphins.", None),
+    ("choice", "Whales breathe air. The answer is (B).", "B"),
+    ("choice", "Whales breathe air.\n#### d) lungs", "D"),
+])
+def test_stated_counts_only_the_answer_format_and_explicit_phrases(answer_type, text, stated):
+    ex = get_extractor(answer_type, "#### {answer}")
+    assert ex.stated(text).answer == stated
+    if stated is not None:   # extract agrees with stated wherever something is stated
+        assert ex.extract(text) == ex.stated(text)
+
+
+def test_extract_still_falls_back_where_nothing_is_stated():
+    """Scoring a student's output keeps its fallbacks: the last yes/no word, number, or mark."""
+    assert YN.extract("There is no evidence, so yes").answer == "yes"
+    assert EX.extract("330 metres, finished in 1889").answer == "1889"
+    assert MC.extract("as (C) and (D) say").answer == "D"
+    assert EX_STR.extract("line one\nnkyu").answer == "nkyu" and EX_STR.stated("line one\nnkyu").answer is None

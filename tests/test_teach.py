@@ -35,13 +35,19 @@ def test_teach_generates_n_rationales_with_provenance(ray_cluster, tmp_path, cap
     assert {r["teacher"] for r in rows} == {"tiny-llama"} and {r["engine"] for r in rows} == {"hf"}
     assert all(r["finish_reason"] in ("stop", "length") for r in rows)
     assert summary["agreeing"] + summary["disagreeing"] == summary["generated"] == 6
-    # The data stage reads the output as is; the agreement filter keeps only agreeing rationales.
-    code = main(["chunk", *args, f"data.train_path={out / 'rationales.parquet'}", "data.max_reject_fraction=1"])
+    # The data stage reads the output as is; the strict agreement filter (teacher completions) keeps
+    # only rationales that state the gold answer: some of those teach calls agreeing, whose answer
+    # may be a fallback's reading (the last number), never one it calls disagreeing.
+    code = main(["chunk", *args, f"data.train_path={out / 'rationales.parquet'}", "data.max_reject_fraction=1",
+                 "data.agreement_filter=strict"])
     err = capsys.readouterr().err
-    data = tmp_path / "smoke" / "data" / "summary.json"
-    if summary["agreeing"]:
+    counts = json.loads((tmp_path / "smoke" / "data" / "summary.json").read_text())
+    kept = counts["train"]["kept"]
+    if kept:
         assert code == 0
     else:   # nonsense rationales: every one rejected by the agreement filter, which is a user error
         assert code == 2 and "no usable training rows" in err
-    counts = json.loads(data.read_text())
-    assert counts["all"]["agreement_rejected"] == summary["disagreeing"]
+    rejected = counts["train"]["rejected_by_kind"]
+    assert counts["train"]["rows_in"] == 6 and kept <= summary["agreeing"]
+    assert counts["all"]["agreement_rejected"] == rejected.get("teacher_disagrees", 0) + rejected.get("no_stated_answer", 0)
+    assert counts["all"]["agreement_rejected"] + rejected.get("missing_field", 0) >= summary["disagreeing"]
