@@ -1,7 +1,10 @@
 """Benchmark: the training defaults' effect on Std-CoT, old against new, on CPU.
 
     .venv/bin/python benchmarks/defaults_effect.py --out docs/results/defaults-effect-cpu-2026-12-06 \
-        [--steps 40] [--seeds 0 1 2] [--train-size 2000] [--validation-size 64]
+        [--steps 40] [--seeds 0 1 2] [--train-size 2000] [--validation-size 64] [--report-only]
+
+--report-only tabulates the runs that finished (their copies under --out), without training: what
+to publish when the machine's time ran out before every seed did.
 
 Arms (everything else identical: SmolLM2-135M, gsm_symbolic, Std-CoT, batch 8, lr 1e-4, clip 1.0):
 - old: length-bucketed steps (train.bucket_factor 16), padded rows, constant learning rate, no warm-up
@@ -45,6 +48,7 @@ def main() -> int:
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--validation-size", type=int, default=64)
     p.add_argument("--storage", default="runs/defaults-effect")
+    p.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out, train nothing")
     args = p.parse_args()
 
     import pyarrow.parquet as pq
@@ -61,19 +65,25 @@ def main() -> int:
               "train.epochs=1", "train.batch_size=8", "train.micro_batch_size=8", "train.eval_every=10"]
     rows = []
     first = load_config("configs/quickstart.yaml", ["name=defaults-effect-old-s0", *common])
-    with ray_session(first):
-        for seed in args.seeds:
-            for arm, overrides in ARMS.items():
+    plan = [(seed, arm) for seed in args.seeds for arm in ARMS]
+    if not args.report_only:
+        with ray_session(first):
+            for seed, arm in plan:
                 name = f"defaults-effect-{arm}-s{seed}"
-                cfg = load_config("configs/quickstart.yaml", [f"name={name}", *common, f"train.seed={seed}", *overrides])
+                cfg = load_config("configs/quickstart.yaml", [f"name={name}", *common, f"train.seed={seed}", *ARMS[arm]])
                 print(f"[defaults-effect] {name}", flush=True)
                 run_stages(cfg, stages=("data", "train"))
-                rows.append(summarise(cfg, arm, seed, out))
+                keep(cfg, arm, seed, out)
+    for seed, arm in plan:
+        if (out / f"{arm}-s{seed}" / "train_metrics.json").is_file():
+            rows.append(summarise(out, arm, seed))
     tok = load_tokenizer(resolve_student(first.student))
     # One template per record; std_cot has one sample per record, in the records' order minus drops.
     by_index = templates_by_id(first)
-    for r in rows:
+    for r in rows:   # every run has the same data; the run directory's own copy is read
         cfg = load_config("configs/quickstart.yaml", [f"name={r['run']}", *common])
+        if not (cfg.run_dir / "data" / "train.parquet").is_file():
+            cfg = first
         samples, _ = load_samples(cfg, "std_cot", cfg.run_dir, tok)
         ids = pq.read_table(cfg.run_dir / "data" / "train.parquet", columns=["id"]).column("id").to_pylist()
         index = {rid: int(rid.rsplit("-", 1)[-1]) for rid in ids}
@@ -83,16 +93,21 @@ def main() -> int:
     return 0
 
 
-def summarise(cfg, arm: str, seed: int, out: Path) -> dict:
-    student = cfg.run_dir / "students" / "std_cot"
+def keep(cfg, arm: str, seed: int, out: Path) -> None:
+    """Copy a finished run's log and metrics under --out (published; the weights are not)."""
     dest = out / f"{arm}-s{seed}"
     dest.mkdir(exist_ok=True)
     for name in ("train_log.jsonl", "train_metrics.json"):
-        shutil.copy(student / name, dest / name)
-    log = [json.loads(line) for line in (student / "train_log.jsonl").read_text().splitlines()]
-    metrics = json.loads((student / "train_metrics.json").read_text())
-    return {"run": cfg.name, "arm": arm, "seed": seed, "steps": len(log), "final_val_loss": metrics["final_val_loss"],
-            "val_losses": metrics["val_losses"], "train_loss_last10": statistics.mean(r["loss"] for r in log[-10:]),
+        shutil.copy(cfg.run_dir / "students" / "std_cot" / name, dest / name)
+
+
+def summarise(out: Path, arm: str, seed: int) -> dict:
+    folder = out / f"{arm}-s{seed}"
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    metrics = json.loads((folder / "train_metrics.json").read_text())
+    return {"run": f"defaults-effect-{arm}-s{seed}", "arm": arm, "seed": seed, "steps": len(log),
+            "final_val_loss": metrics["final_val_loss"], "val_losses": metrics["val_losses"],
+            "train_loss_last10": statistics.mean(r["loss"] for r in log[-10:]),
             "real_token_ratio": metrics["real_token_ratio"], "real_tokens_per_s": metrics["processed_tokens_per_s"],
             "sample_ids": [r["sample_ids"] for r in log]}
 
@@ -106,6 +121,8 @@ def report(rows: list[dict], args, out: Path) -> None:
     arms = {}
     for arm in ARMS:
         mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
+            continue
         vals = [r["final_val_loss"] for r in mine]
         arms[arm] = {"final_val_loss_mean": statistics.mean(vals),
                      "final_val_loss_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
@@ -117,7 +134,8 @@ def report(rows: list[dict], args, out: Path) -> None:
         print(f"{arm}: held-out loss {a['final_val_loss_mean']:.4f} +- {a['final_val_loss_sd']:.4f} "
               f"(min {a['final_val_loss_min']:.4f}, max {a['final_val_loss_max']:.4f}), "
               f"{a['templates_per_step_mean']:.2f} templates/step")
-    result = {"benchmark": "defaults_effect", "steps": args.steps, "seeds": args.seeds, "train_size": args.train_size,
+    result = {"benchmark": "defaults_effect", "steps": args.steps, "seeds": sorted({r["seed"] for r in rows}),
+              "train_size": args.train_size,
               "validation_size": args.validation_size, "arms": arms, "runs": rows}
     (out / "defaults_effect.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

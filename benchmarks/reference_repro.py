@@ -14,10 +14,19 @@ taken in that order (wrapping around); AdamW lr 1e-4, betas (0.9, 0.999), weight
 multiplier at 0-based step s of S: min(1, (s+1)/10) * (1 - s/S); grad clip 1.0; loss = sum of token
 cross-entropies / supervised tokens of the step.
 
-  plain      our own loop written from those settings alone -> OUT/plain.json
+  plain      our own loop written from those settings alone, plus the one thing read from the
+             reference's code: its shuffle (Python's random seeded with 0), since the order is a
+             setting too -> OUT/plain.json
   reference  the reference script (REF_MODEL = the same converted SmolLM2 folder, so both start
              from identical weights: the weights' sha256 is recorded on both sides) -> OUT/reference.json
-  ours       a finished cwt-ray run's students/std_cot/train_log.jsonl -> OUT/ours.json (exit 2 if missing)
+  ours       a finished cwt-ray run's students/std_cot/train_log.jsonl -> OUT/ours.json (exit 2 if
+             missing). The run mirrors the reference only if configured like it: methods [std_cot],
+             train.max_steps 40, batch_size 8, lr 1e-4, weight_decay 0, max_grad_norm 1, fp32, seed 0,
+             bucket_factor 0, loss_normalizer token, the 2000 seed-0 questions with none dropped
+             (student.max_length >= 416) and prompt "Question: {question}\nAnswer:". Known gaps
+             (cwt-ray has no setting for them): the leading " " of the target, blank rationale lines
+             kept, "#### 8" for a generated "#### 8.0", no truncation at 320, and warm-up *then*
+             linear decay instead of the product schedule.
   compare    Markdown table of the loss curves (every step, 10-step window means, differences),
              a final JSON line, OUT/compare.json
 
@@ -82,7 +91,7 @@ def load_train_pairs(tok) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
-def run_plain(out: Path, steps: int, batch: int, seed: int, threads: int) -> dict:
+def run_plain(steps: int, batch: int, seed: int, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,11 +211,15 @@ def window_means(curve: dict[int, float], n: int, size: int = 10, only: set[int]
 
 
 def compare(out: Path) -> dict:
-    curves = {}
+    curves, sup = {}, {}
     for name in ("reference", "plain", "ours"):
         p = out / f"{name}.json"
         if p.is_file():
-            curves[name] = {r["step"]: r["loss"] for r in json.loads(p.read_text())["steps"]}
+            d = json.loads(p.read_text())
+            curves[name] = {r["step"]: r["loss"] for r in d["steps"]}
+            # Supervised tokens of the whole run: equal totals say both trained on the same tokens.
+            tokens = [r["supervised_tokens"] for r in d["steps"]]
+            sup[name] = d["settings"].get("supervised_tokens_total") or (sum(tokens) if None not in tokens else None)
     if len(curves) < 2:
         sys.exit(f"compare needs at least two of reference/plain/ours .json in {out}")
     names = list(curves)
@@ -219,7 +232,7 @@ def compare(out: Path) -> dict:
         vals = [curves[k].get(s) for k in names]
         diffs = [curves[a][s] - curves[b][s] if s in curves[a] and s in curves[b] else None for a, b in pairs]
         print(f"| {s} | " + " | ".join(map(fmt, vals)) + " | " + " | ".join("" if d is None else f"{d:+.4f}" for d in diffs) + " |")
-    result = {"window_means": {k: window_means(c, n) for k, c in curves.items()}, "pairs": {}}
+    result = {"window_means": {k: window_means(c, n) for k, c in curves.items()}, "supervised_tokens_total": sup, "pairs": {}}
     for a, b in pairs:
         common = set(curves[a]) & set(curves[b])
         if not common:
@@ -231,18 +244,22 @@ def compare(out: Path) -> dict:
             "steps": len(common), "window_means": {w: [wa[w], wb[w], round(wa[w] - wb[w], 5)] for w in wa},
             "max_abs_window_mean_diff": round(max(abs(wa[w] - wb[w]) for w in wa), 5),
             "max_abs_step_diff": round(max(abs(curves[a][s] - curves[b][s]) for s in common), 5),
-            "max_rel_step_diff": round(max(rel), 6), "mean_rel_step_diff": round(sum(rel) / len(rel), 6)}
+            "max_rel_step_diff": round(max(rel), 6), "mean_rel_step_diff": round(sum(rel) / len(rel), 6),
+            # The reference logs its loss rounded to 4 decimals: steps whose losses agree at that precision.
+            "steps_equal_at_4_decimals": sum(round(curves[a][s], 4) == round(curves[b][s], 4) for s in common)}
     print("\n| window | " + " | ".join(names) + " | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
     print("|---|" + "---:|" * (len(names) + len(pairs)))
     for w in result["window_means"][names[0]]:
         diffs = [result["pairs"].get(f"{a}-{b}", {}).get("window_means", {}).get(w) for a, b in pairs]
         print(f"| steps {w} | " + " | ".join(fmt(result["window_means"][k].get(w)) for k in names) + " | "
               + " | ".join("" if d is None else f"{d[2]:+.4f}" for d in diffs) + " |")
-    print("\n| pair | steps | max abs window-mean diff | max abs step diff | max rel step diff | mean rel step diff |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| pair | steps | equal at 4 decimals | max abs window-mean diff | max abs step diff | max rel step diff "
+          "| mean rel step diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for k, v in result["pairs"].items():
-        print(f"| {k} | {v['steps']} | {v['max_abs_window_mean_diff']:.4f} | {v['max_abs_step_diff']:.4f} | "
-              f"{v['max_rel_step_diff']:.2e} | {v['mean_rel_step_diff']:.2e} |")
+        print(f"| {k} | {v['steps']} | {v['steps_equal_at_4_decimals']} | {v['max_abs_window_mean_diff']:.4f} | "
+              f"{v['max_abs_step_diff']:.5f} | {v['max_rel_step_diff']:.2e} | {v['mean_rel_step_diff']:.2e} |")
+    print("\nsupervised tokens over the run: " + ", ".join(f"{k} {v}" for k, v in sup.items()))
     return result
 
 
@@ -267,7 +284,7 @@ def main() -> None:
     if a.cmd == "compare":
         result = compare(a.out)
     else:
-        result = (run_plain(a.out, a.steps, a.batch, a.seed, a.threads) if a.cmd == "plain" else
+        result = (run_plain(a.steps, a.batch, a.seed, a.threads) if a.cmd == "plain" else
                   run_reference(a.out, a.steps, a.batch, a.script) if a.cmd == "reference" else run_ours(a.run_dir))
         losses = [r["loss"] for r in result["steps"]]
         result_line = {"source": result["source"], "steps": len(losses), "first_loss": losses[0] if losses else None,

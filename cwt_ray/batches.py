@@ -82,9 +82,10 @@ def micro_batches(share: list[int], samples: list[Sample], micro: int) -> list[l
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices of `lengths` laid into as few rows of at most `capacity` tokens as they fit in,
-    balanced (longest first, each into the currently shortest row) so that the longest row, which
-    sets the padded width, is close to the mean and little padding remains."""
+    """Indices of `lengths` laid into rows of at most `capacity` tokens, balanced: for the fewest
+    rows the tokens could fill, then one more at a time until they fit, each sample (longest
+    first) goes into the currently shortest row. The longest row sets the padded width, so
+    balanced rows leave little padding."""
     if not lengths:
         return []
     capacity = max(capacity, max(lengths))   # a sample longer than a row gets a row of its own

@@ -133,8 +133,9 @@ def test_pack_rows_fill_few_balanced_rows():
     rows = pack_rows(lengths, 256)
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     sums = [sum(lengths[i] for i in r) for r in rows]
-    assert max(sums) <= 256 and len(rows) == 3   # 740 tokens: 3 rows is the fewest that fit
-    assert max(sums) - min(sums) <= 60           # balanced: the padded width is near the mean
+    # 740 tokens need >= 3 rows; longest-first balancing fits them in 4 of 170-200 tokens, so the
+    # padded width (200) stays near the mean (185) where a greedy first fit would leave a long row.
+    assert max(sums) <= 256 and len(rows) == 4 and max(sums) - min(sums) <= 30
     assert pack_rows([300, 20], 256) == [[0], [1]]   # a sample longer than a row gets one of its own
 
 
@@ -144,7 +145,8 @@ def test_steps_are_random_draws_the_same_packed_or_not(tokenizer):
     samples = _sample_sets(tokenizer)["cwt"] * 4
     steps = epoch_steps(samples, 8, seed=0, epoch=0, schedule="shuffle")
     assert steps != epoch_steps(samples, 8, seed=1, epoch=0, schedule="shuffle")
-    assert sorted(i for s in steps for i in s) == sorted(range(len(samples)))[:len(steps) * 8]
+    drawn = [i for s in steps for i in s]
+    assert len(drawn) == len(set(drawn)) == len(steps) * 8 and set(drawn) <= set(range(len(samples)))
     for step in steps:
         for mb in micro_batches(step, samples, 4):
             padded = collate([samples[i] for i in mb], tokenizer.pad_token_id)
