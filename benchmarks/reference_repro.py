@@ -48,7 +48,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-DEFAULT_SCRIPT = os.environ.get("REFERENCE_SCRIPT", "/work/shared/tools/reference_gsm.py")
+# The reference script is not part of this repository: --script, $REFERENCE_SCRIPT, or beside it.
+DEFAULT_SCRIPT = os.environ.get("REFERENCE_SCRIPT",
+                                str(Path(__file__).resolve().parents[2] / "shared" / "tools" / "reference_gsm.py"))
 MAX_LEN, WARMUP, LR, CLIP = 320, 10, 1e-4, 1.0
 IGNORE = -100
 # Written into the JSON instead of the cache folder's local path (the weights' sha256 identifies them).
