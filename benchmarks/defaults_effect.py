@@ -49,6 +49,7 @@ def main() -> int:
     p.add_argument("--validation-size", type=int, default=64)
     p.add_argument("--storage", default="runs/defaults-effect")
     p.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out, train nothing")
+    p.add_argument("--runs", nargs="+", help="train only these of the plan, e.g. new-s0 old-s1 (the rest as found)")
     args = p.parse_args()
 
     import pyarrow.parquet as pq
@@ -69,6 +70,8 @@ def main() -> int:
     if not args.report_only:
         with ray_session(first):
             for seed, arm in plan:
+                if args.runs and f"{arm}-s{seed}" not in args.runs:
+                    continue
                 name = f"defaults-effect-{arm}-s{seed}"
                 cfg = load_config("configs/quickstart.yaml", [f"name={name}", *common, f"train.seed={seed}", *ARMS[arm]])
                 print(f"[defaults-effect] {name}", flush=True)

@@ -10,6 +10,7 @@ tests/test_pipeline.py's plain loop, which calls the Hugging Face model with `la
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,7 +38,7 @@ def plain_train(cfg: ExperimentConfig, method: str, run_dir: Path, student_path:
     tokenizer = load_tokenizer(student_path)
     samples, _ = load_samples(cfg, method, run_dir, tokenizer)
     steps_per_epoch = len(samples) // tcfg.batch_size
-    total = min(int(tcfg.epochs * steps_per_epoch + 0.999999), tcfg.max_steps or 10**9)
+    total = min(math.ceil(tcfg.epochs * steps_per_epoch), tcfg.max_steps or 10**9)
     pack_tokens = (tcfg.pack_tokens or cfg.student.max_length) if tcfg.packing else None
     torch.manual_seed(tcfg.seed)
     model = load_model(student_path).to(device)

@@ -300,8 +300,8 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (reached after the warm-up).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "linear", description="After the warm-up: 'linear' decay to 0 at the last step (the standard fine-tuning "
-                              "schedule, and the plain reference loop's), 'cosine' to 0, or 'constant'. A constant "
+        "linear", description="After the warm-up: 'linear' decay towards 0, reached just after the last step (the "
+                              "standard fine-tuning schedule, and the plain reference loop's), 'cosine' likewise, or 'constant'. A constant "
                               "rate leaves the loss on a plateau above what the decayed run reaches.")
     warmup_ratio: float = Field(
         0.05, ge=0, lt=1, description="Linear warm-up over this share of the steps (rounded up: 10 of 188 steps), so "
@@ -473,7 +473,8 @@ class ExperimentConfig(_Strict):
 
 
 # Knobs that change only what a stage writes about itself; switching them never redoes a stage.
-_OUTPUT_ONLY = (("train", "tensorboard"), ("train", "log_every"))
+_OUTPUT_ONLY = (("train", "tensorboard"), ("train", "log_every"), ("train", "eval_every"), ("train", "checkpoint_every"),
+                ("train", "keep_checkpoints"))
 # Version of what stage fingerprints hash. 2: every effective value (1 hashed only non-defaults).
 FINGERPRINT_VERSION = 2
 

@@ -122,6 +122,8 @@ def answer_scores(model, seqs: list[list[int]], answer_lens: list[int], pad_id: 
         # position p predicts token p+1: the answer's n tokens are predicted from the n before
         scored = torch.zeros_like(ids, dtype=torch.bool)
         for row, (seq, n) in enumerate(zip(batch, lens)):
+            if not 0 < n < len(seq):   # the rows' scores are cut from one flat tensor: a bad row would shift the rest
+                raise ValueError(f"answer of {n} tokens in a sequence of {len(seq)}")
             scored[row, len(seq) - n - 1:len(seq) - 1] = True
         target = ids[:, 1:][scored[:, :-1]]
         with torch.no_grad():

@@ -34,8 +34,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import (FINGERPRINT_VERSION, ExperimentConfig, UserError, _format_error, _set_dotted, _Strict,
-                     parse_overrides, validate_config)
+from .config import (_OUTPUT_ONLY, FINGERPRINT_VERSION, ExperimentConfig, UserError, _format_error, _set_dotted,
+                     _Strict, parse_overrides, validate_config)
 
 # Metrics eval.py writes for a method that an objective may name (latency_s: batch-1 latency,
 # measured only when eval.latency_questions > 0).
@@ -211,6 +211,8 @@ class Sweep:
         default changed in code must not resume a sweep (or reuse its cache) made under the old one."""
         config = self.config.model_dump(mode="json", exclude={"debug"})
         base = self.base.model_dump(mode="json", exclude={"debug"})
+        for section, key in _OUTPUT_ONLY:   # what a run writes about itself, not what it computes
+            base.get(section, {}).pop(key, None)
         blob = json.dumps({"version": FINGERPRINT_VERSION, "sweep": config, "base": base}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

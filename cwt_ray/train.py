@@ -142,7 +142,8 @@ def warmup_steps(tcfg, total_steps: int) -> int:
 
 def lr_lambda(tcfg, total_steps: int):
     """Learning-rate multiplier of each (0-based) step: a linear warm-up, then the schedule's decay
-    over the steps after it (linear and cosine reach 0 at the last step)."""
+    over the steps after it (linear and cosine reach 0 just after the last step, as Hugging
+    Face's schedules do)."""
     warmup = warmup_steps(tcfg, total_steps)
 
     def fn(step: int) -> float:
@@ -395,9 +396,25 @@ def setup(config: dict) -> WorkerRun:
                     optimizer=optimizer, scheduler=scheduler, precision=resolve_precision(tcfg.precision, device, warn=rank == 0),
                     pack_tokens=(tcfg.pack_tokens or cfg.student.max_length) if tcfg.packing else None,
                     worker_nodes=gather_worker_nodes(world), log_rows=log_rows)
+    if run.pack_tokens and not packing_isolates_samples(raw_model, cfg.student.trust_remote_code):
+        if rank == 0:
+            log.warning(f"[train {method}] train.packing: this student's attention "
+                        f"({raw_model.config._attn_implementation}) may not keep packed samples apart; "
+                        "training on padded rows instead")
+        run.pack_tokens = None
     if checkpoint:
         Checkpointer(run).restore(state)
     return run
+
+
+def packing_isolates_samples(model, remote_code: bool) -> bool:
+    """Whether the student builds its attention masks with transformers' own mask functions, which
+    turn restarting position ids into a block-diagonal mask (sdpa, eager, flex attention). Flash
+    attention checks packing differently (one row only) and remote code may ignore it."""
+    from .student import causal_lm
+
+    return not remote_code and getattr(causal_lm(model).config, "_attn_implementation", None) in (
+        "sdpa", "eager", "flex_attention")
 
 
 def _load_student(cfg: ExperimentConfig, student_path: str, source: str, state: dict, device):
@@ -563,7 +580,8 @@ def _step_row(run: WorkerRun, step: int, local, lr: float, grad_norm: float, sup
            "step_cpu_s": cpu,
            # mean token loss of each kind of target in this step (chunk stages, answer, skip, ...)
            "loss_by_kind": {name: float(sums[k] / counts[k]) for k, name in KIND_NAMES.items() if counts[k]},
-           # indices into the method's samples (load_samples): what this step trained on
+           # indices into the method's samples (load_samples; after an SBC re-run during training,
+           # into the samples of the chunks it wrote): what this step trained on
            "sample_ids": list(global_batch)}
     flops_peak = peak_flops(run.device)
     if flops_peak:

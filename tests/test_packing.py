@@ -104,9 +104,12 @@ def test_packed_rows_train_exactly_like_padded_rows(family, normalizer):
 @pytest.mark.parametrize("use_cache", [False, True], ids=["as_training_loads_it", "as_evaluation_loads_it"])
 def test_no_sample_attends_to_another_in_a_packed_row(family, use_cache):
     """Change one sample of a packed row: the other samples' token losses do not move."""
+    from cwt_ray.train import packing_isolates_samples
+
     name, folder, tok = family
     model = load_model(folder).eval()
     model.config.use_cache = use_cache   # evaluation's students keep the default, use_cache on
+    assert packing_isolates_samples(model, remote_code=False) and not packing_isolates_samples(model, remote_code=True)
     samples = _sample_sets(tok)["cwt"][:4]
     batch = collate(samples, tok.pad_token_id, pack_tokens=10_000)   # one row holds all four
     assert batch.input_ids.shape[0] == 1
