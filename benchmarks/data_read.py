@@ -94,7 +94,7 @@ def main() -> None:
 
     from cwt_ray.config import load_config
     from cwt_ray.data import write_splits
-    from cwt_ray.pipeline import quiet_ray_data
+    from cwt_ray.cluster import quiet_ray_data
 
     check = length_check(data, args.length_check_rows) if args.length_check_rows else {}
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml", [

@@ -55,7 +55,8 @@ def main() -> int:
     import pyarrow.parquet as pq
 
     from cwt_ray.config import load_config
-    from cwt_ray.pipeline import ray_session, run_stages
+    from cwt_ray.cluster import ray_session
+    from cwt_ray.pipeline import run_stages
     from cwt_ray.student import load_tokenizer, resolve_student
     from cwt_ray.train import load_samples
 

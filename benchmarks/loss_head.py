@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cwt_ray.chunk import balanced_partition, chunk_texts, split_steps  # noqa: E402
+from cwt_ray.chunking import balanced_partition, chunk_texts, split_steps  # noqa: E402
 from cwt_ray.config import ExperimentConfig, StudentConfig  # noqa: E402
 from cwt_ray.data import split_gsm_cot  # noqa: E402
 from cwt_ray.samples import IGNORE, SampleBuilder  # noqa: E402

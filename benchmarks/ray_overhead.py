@@ -37,7 +37,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from cwt_ray.config import load_config
-from cwt_ray.pipeline import prepare_train_storage, ray_session, run_stages, student_info
+from cwt_ray.cluster import ray_session
+from cwt_ray.pipeline import prepare_train_storage, run_stages, student_info
 from cwt_ray.student import resolve_student
 from cwt_ray.train import train_method
 

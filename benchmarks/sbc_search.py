@@ -28,23 +28,24 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cwt_ray.chunk import Chunker, chunk_texts  # noqa: E402
+from cwt_ray.chunk import Chunker  # noqa: E402
+from cwt_ray.chunking import ChunkLossScorer, chunk_texts  # noqa: E402
 from cwt_ray.config import ExperimentConfig  # noqa: E402
 from cwt_ray.student import resolve_student  # noqa: E402
 
 from semantic_chunking import make_records  # noqa: E402
 
 
-class FullForwardChunker(Chunker):
+class FullForwardScorer(ChunkLossScorer):
     """Baseline: each candidate's whole stage sequence through the model with full logits."""
 
-    def _chunk_losses(self, record, steps, candidates):
+    def __call__(self, record, steps, candidates):
         seqs = []
         for groups in candidates:
             seqs.append(self.builder.stage_sequence(record, chunk_texts(steps, groups)))
         scores = []
-        for b in range(0, len(seqs), self.cfg.sbc_batch_size):
-            batch = seqs[b:b + self.cfg.sbc_batch_size]
+        for b in range(0, len(seqs), self.batch_size):
+            batch = seqs[b:b + self.batch_size]
             width = max(len(ids) for ids, _ in batch)
             pad = self.builder.tok.pad_token_id
             ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch], device=self.device)
@@ -81,7 +82,9 @@ def run(student: str, n: int, batch: int, repeats: int) -> dict:
                            chunk={"heuristic": "sbc", "num_chunks": 3, "sbc_batch_size": batch, "cpus_per_actor": 2})
     path = str(resolve_student(cfg.student))
     tree = cfg.model_dump(mode="json")
-    ours, base = Chunker(tree, path, None, path), FullForwardChunker(tree, path, None, path)
+    ours, base = Chunker(tree, path, None, path), Chunker(tree, path, None, path)
+    s = base.chunker.scorer
+    base.chunker.scorer = FullForwardScorer(s.student, s.builder, s.max_length, s.batch_size)
     table = make_records(n)
     walls = {"ours": [], "full_forward": []}
     rows = {}

@@ -20,7 +20,8 @@ import json
 import sys
 
 from cwt_ray.config import load_config
-from cwt_ray.pipeline import ray_session, run_stages
+from cwt_ray.cluster import ray_session
+from cwt_ray.pipeline import run_stages
 from cwt_ray.student import load_tokenizer, resolve_student
 from cwt_ray.batches import collate, epoch_steps, micro_batches, worker_share
 from cwt_ray.train import load_samples

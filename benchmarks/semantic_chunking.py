@@ -46,9 +46,10 @@ def main() -> None:
     import ray
     import torch
 
-    from cwt_ray.chunk import Chunker, resolve_embedding_model
+    from cwt_ray.chunk import Chunker
+    from cwt_ray.chunking import resolve_embedding_model
     from cwt_ray.config import ExperimentConfig, StudentConfig
-    from cwt_ray.pipeline import OFFLINE_ENV, quiet_ray_data
+    from cwt_ray.cluster import OFFLINE_ENV, quiet_ray_data
     from cwt_ray.student import resolve_student
 
     t = time.perf_counter()

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cwt_ray.sweep import load_sweep, run_sweep  # noqa: E402
+from cwt_ray.sweep import run_sweep  # noqa: E402
+from cwt_ray.sweep_config import load_sweep  # noqa: E402
 
 COLUMNS = [("prepare", "prepare_s"), ("train", "train_wall_s"), ("steps", "train_step_s"), ("eval", "eval_wall_s"),
            ("generate", "generate_s"), ("fixed", "fixed_s"), ("trial", "trial_wall_s")]

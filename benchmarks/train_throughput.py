@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from cwt_ray.config import load_config
-from cwt_ray.pipeline import prepare_train_storage, ray_session, run_stages, student_info
+from cwt_ray.cluster import ray_session
+from cwt_ray.pipeline import prepare_train_storage, run_stages, student_info
 from plain_loop import plain_train  # benchmarks/plain_loop.py (this folder is on sys.path)
 from cwt_ray.student import resolve_student
 from cwt_ray.train import resolve_precision, train_method

@@ -200,7 +200,8 @@ def run_trl(mode: str, rows, model_path, tokenizer, tcfg, steps: int, cpus: int,
 
 def run_ours(cfg, run_dir, student_path) -> dict:
     from cwt_ray.pipeline import student_info
-    from cwt_ray.train import TRAIN_LOG, train_method
+    from cwt_ray.rundir import TRAIN_LOG
+    from cwt_ray.train import train_method
 
     # A fresh Ray Train storage each run: with the previous run's checkpoint there, Ray Train would
     # resume from it (and report that run's metrics) instead of training.
@@ -235,7 +236,8 @@ def main() -> int:
         return 2
 
     from cwt_ray.config import load_config
-    from cwt_ray.pipeline import ray_session, run_stages
+    from cwt_ray.cluster import ray_session
+    from cwt_ray.pipeline import run_stages
     from cwt_ray.student import load_tokenizer, resolve_student
     from cwt_ray.batches import epoch_steps
     from cwt_ray.train import load_samples

@@ -10,21 +10,28 @@ import sys
 from .config import UserError, load_config
 
 COMMANDS = {
-    "run": ("the whole pipeline: data -> chunk -> train -> eval -> report (finished stages are skipped)",
-            ("data", "chunk", "train", "eval", "report"), ()),
+    "run": ("the whole pipeline: data -> chunk -> train -> skip -> eval -> report (finished stages are skipped)",
+            ("data", "chunk", "train", "skip", "eval", "report"), ()),
     "data": ("the data stage alone: read, validate and split the data into runs/<name>/data/, then print the data "
              "check (per split rows kept and rejected by kind, rationales stating no answer, rationale lengths in "
              "student tokens, steps per rationale against chunk.num_chunks, examples); always re-reads the files",
              ("data",), ("data",)),
     "chunk": ("prepare the data splits and chunk every training rationale (Ray Data)",
               ("data", "chunk"), ("chunk",)),
-    "train": ("train every method's student (Ray Train); needs `chunk` done",
+    "train": ("train every method's student (Ray Train); needs `chunk` done. STT's skip data are made from the "
+              "CWT student on the way (the skip stage, redone with a forced retraining)",
               ("train",), ("train",)),
+    "skip": ("the skip stage alone: score which middle chunks the trained CWT student can do without, into "
+             "runs/<name>/skips/train/ (STT's training data); needs `train` of cwt done",
+             ("skip",), ("skip",)),
     "eval": ("evaluate every trained student on the eval split (Ray Data generation)",
              ("eval",), ("eval",)),
     "report": ("write report.md, metrics.json and loss_curves.png from what the run directory holds",
                ("report",), ("report",)),
 }
+
+# Every subcommand that reads an experiment YAML points to the generated key reference.
+CONFIG_KEYS_EPILOG = "Every config key, its type, default and help: docs/config.md"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "an experiment YAML, applies key.sub=value overrides, and reads/writes <storage_path>/<name>/.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, _, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=CONFIG_KEYS_EPILOG)
         p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 methods=[cwt]")
         if name == "run":
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     help_text = ("generate rationales for the train split's questions with a local teacher model (teach.*), "
                  "N per question, on a Ray Data actor pool; writes runs/<name>/teach/rationales.parquet")
-    p = sub.add_parser("teach", help=help_text, description=help_text)
+    p = sub.add_parser("teach", help=help_text, description=help_text, epilog=CONFIG_KEYS_EPILOG)
     p.add_argument("config", help="experiment YAML with data.* (the questions) and teach.teacher")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teach.num_samples=4 teach.temperature=0.7")
     help_text = ("hyperparameter search (Optuna through Ray Tune): each trial runs the pipeline on the validation "
@@ -64,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sweep(args) -> int:
-    from .sweep import load_sweep, run_sweep
+    from .sweep import run_sweep
+    from .sweep_config import load_sweep
 
     sweep = load_sweep(args.config, args.overrides)
     report = run_sweep(sweep, overwrite=args.overwrite)
@@ -79,7 +87,7 @@ def _generate(args) -> int:
     import os
     from pathlib import Path
 
-    from .pipeline import OFFLINE_ENV
+    from .cluster import OFFLINE_ENV
 
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
@@ -95,7 +103,8 @@ def _generate(args) -> int:
 
 
 def _teach(args) -> int:
-    from .pipeline import preflight, ray_session
+    from .cluster import ray_session
+    from .pipeline import preflight
     from .teach import teach
 
     cfg = load_config(args.config, args.overrides)

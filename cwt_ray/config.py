@@ -58,14 +58,19 @@ class DataConfig(_Strict):
     source: Literal["gsm_symbolic", "files"] = Field(
         "gsm_symbolic", description="'gsm_symbolic': generated problems (seeded splits); 'files': your own files "
                                     "(docs/data.md). 'jsonl' is read as 'files' (the older name).")
-    train_size: int = Field(96, ge=1, description="gsm_symbolic: questions generated per split.")
-    validation_size: int = Field(16, ge=0)
-    test_size: int = Field(24, ge=1)
+    train_size: int = Field(96, ge=1, description="gsm_symbolic: train questions generated.")
+    validation_size: int = Field(
+        16, ge=0, description="gsm_symbolic: validation questions generated. 0 = no validation split: no held-out "
+                              "loss during training, and no sweeps (their trials are scored on it).")
+    test_size: int = Field(24, ge=1, description="gsm_symbolic: test questions generated (what `eval` scores by default).")
     # Disjoint seeds give disjoint generated sets; exact duplicates of train questions are
     # still removed from validation/test (and counted) because templates can collide.
-    train_seed: int = 1001
-    validation_seed: int = 2002
-    test_seed: int = 3003
+    train_seed: int = Field(1001, description="gsm_symbolic: generator seed of the train split; the same seed and "
+                                              "size give the same questions (ids name split, seed and index).")
+    validation_seed: int = Field(2002, description="gsm_symbolic: generator seed of the validation split; keep it "
+                                                   "apart from the others (questions repeating train ones are dropped).")
+    test_seed: int = Field(3003, description="gsm_symbolic: generator seed of the test split; keep it apart from "
+                                             "the others (questions repeating train ones are dropped).")
     paths: list[str] = Field(
         default_factory=list, description="files: files, globs or folders holding every row; each row's split "
                                           "comes from a hash of its id (split_fractions). Or use *_path below.")
@@ -74,8 +79,12 @@ class DataConfig(_Strict):
         description="files with `paths`: share of ids hashed into train/validation/test (sums to 1).")
     train_path: Optional[str | list[str]] = Field(
         None, description="files: explicit training split (a file, glob, folder, or a list of them).")
-    validation_path: Optional[str | list[str]] = None
-    test_path: Optional[str | list[str]] = None
+    validation_path: Optional[str | list[str]] = Field(
+        None, description="files: explicit validation split (a file, glob, folder, or a list of them). None = no "
+                          "validation split (no held-out loss, no sweeps). Questions also in train are dropped.")
+    test_path: Optional[str | list[str]] = Field(
+        None, description="files: explicit test split (a file, glob, folder, or a list of them); required with "
+                          "train_path. Questions also in train are dropped.")
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = Field(
         "auto", description="File format; 'auto' goes by the suffix (.jsonl/.ndjson, .json, .parquet, .csv) and "
                             "reads a folder with dataset_info.json as a `datasets` save_to_disk folder ('hf').")
@@ -153,13 +162,15 @@ class TeachConfig(_Strict):
     few_shot_examples: list[dict[str, str]] = Field(
         default_factory=list, description="few_shot: worked examples, each {question, rationale, answer}.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy (then num_samples must be 1).")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(256, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: sample from the smallest token set "
+                                                      "holding this probability mass; 1 = off. Unused when greedy.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest teacher completion in new tokens; generation stops "
+                                                             "there (a completion cut short may state no answer).")
     seed: int = Field(0, description="Sampling seed (per batch: seed + batch's first question hash).")
     engine: Literal["auto", "hf", "vllm"] = Field("auto", description="'auto': vLLM when it is installed, else HF generate.")
     batch_size: int = Field(16, ge=1, description="Questions per generation batch.")
     concurrency: int = Field(1, ge=1, description="Ray Data teacher actors.")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per teacher actor (fractions allowed).")
     gpus_per_actor: Optional[float] = Field(None, ge=0, description="None: one GPU per actor when the cluster has GPUs.")
 
     @model_validator(mode="after")
@@ -182,7 +193,9 @@ class StudentConfig(_Strict):
     name: str = Field("smollm2-135m", description="'smollm2-135m', 'tiny-llama' (random init, real tokenizer) "
                                                   "or a path to a local Hugging Face causal LM folder.")
     max_length: int = Field(512, ge=16, description="Longest training sequence in tokens (prompt + target).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Let a local student folder run its own modelling code (Hugging Face trust_remote_code) "
+                           "when loaded for data checks, chunking, training, skip data and eval. Only for folders you trust.")
 
 
 class ChunkConfig(_Strict):
@@ -200,7 +213,9 @@ class ChunkConfig(_Strict):
     semantic_mode: Literal["k", "threshold"] = Field(
         "k", description="'k': exact DP for K chunks minimising within-chunk embedding dispersion; 'threshold': "
                          "a boundary wherever adjacent steps' cosine similarity < similarity_threshold (at most K chunks).")
-    similarity_threshold: float = Field(0.5, ge=-1.0, le=1.0)
+    similarity_threshold: float = Field(
+        0.5, ge=-1.0, le=1.0, description="semantic_mode 'threshold': cut between adjacent steps whose embeddings' "
+                                          "cosine similarity is below this (the K-1 least similar at most). Higher = more cuts.")
     embed_batch_size: int = Field(256, ge=1, description="Sentences per encoder call.")
     # search-based chunking (SBC)
     sbc_init: Literal["average", "semantic"] = Field("average", description="Boundaries the search starts from.")
@@ -219,7 +234,8 @@ class ChunkConfig(_Strict):
     # Ray Data
     batch_size: int = Field(64, ge=1, description="Rationales per Ray Data batch.")
     concurrency: int = Field(1, ge=1, description="Ray Data chunking actors.")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per chunking actor (also its torch "
+                                                         "threads, rounded down, at least 1).")
     gpus_per_actor: Optional[float] = Field(
         None, ge=0, description="GPU share per actor (semantic encoder / SBC student; fractions allowed). "
                                 "None: one GPU per actor when the cluster has GPUs, else none.")
@@ -267,7 +283,8 @@ class SkipConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="Rationales per Ray Data batch in the skip data generator.")
     score_batch_size: int = Field(16, ge=1, description="Candidate sequences per forward pass.")
     concurrency: int = Field(1, ge=1, description="Ray Data skip-scoring actors.")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per skip-scoring actor (also its torch "
+                                                         "threads, rounded down, at least 1).")
     gpus_per_actor: Optional[float] = Field(None, ge=0, description="None: one GPU per actor when the cluster has GPUs.")
 
     @model_validator(mode="after")
@@ -284,7 +301,8 @@ class LoraConfig(_Strict):
     """Low-rank adapters (peft) instead of full fine-tuning; saved students have the adapters merged."""
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: float = Field(32.0, gt=0, description="Scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability on the adapter input during training "
+                                                       "(0 = none).")
     target_modules: str | list[str] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head).")
 
@@ -373,11 +391,15 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    split: Literal["test", "validation"] = "test"
+    split: Literal["test", "validation"] = Field(
+        "test", description="Which split is evaluated: 'test' for reported results, 'validation' for tuning "
+                            "(sweeps score trials on it) so the test split stays unseen.")
     max_new_tokens: int = Field(256, ge=1, description="Same cap for every method, never per method.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Questions generated together in one batched call per actor "
+                                                "(also reported with the throughput numbers).")
     concurrency: int = Field(1, ge=1, description="Ray Data generation actors.")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per generation actor (also its torch "
+                                                         "threads, rounded down, at least 1).")
     gpus_per_actor: Optional[float] = Field(
         None, ge=0, description="GPUs per generation actor (fractions allowed). None: one GPU per actor when "
                                 "the cluster has GPUs, else none.")
@@ -408,21 +430,31 @@ class DebugConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_path: str = "./runs"
-    methods: list[Literal["std_cot", "cwt", "stt"]] = Field(default_factory=lambda: ["std_cot", "cwt"], min_length=1)
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    teach: TeachConfig = Field(default_factory=TeachConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    chunk: ChunkConfig = Field(default_factory=ChunkConfig)
-    stages: StagesConfig = Field(default_factory=StagesConfig)
-    stt: SkipConfig = Field(default_factory=SkipConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    debug: DebugConfig = Field(default_factory=DebugConfig)
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Required. The run's name (letters, digits, '_', '.', '-'): its directory is "
+                                  "<storage_path>/<name>/, so the same name continues (or reuses) that run.")
+    storage_path: str = Field("./runs", description="Local or shared filesystem folder holding run directories "
+                                                    "(on a cluster: mounted at the same path on every node). No URIs; "
+                                                    "see ray.storage_uri for checkpoints on object storage.")
+    methods: list[Literal["std_cot", "cwt", "stt"]] = Field(
+        default_factory=lambda: ["std_cot", "cwt"], min_length=1,
+        description="Methods trained and compared: 'std_cot' (whole rationale at once), 'cwt' (chunk-wise "
+                    "training), 'stt' (skip-thinking, continues from the CWT student, so needs 'cwt'). No repeats.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="What the answer looks like and how it is read.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="How a question is put to the student.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Where questions and rationales come from, "
+                                                                     "how they are split and filtered.")
+    teach: TeachConfig = Field(default_factory=TeachConfig, description="`cwt-ray teach`: rationales from a local "
+                                                                        "teacher model.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The student model being distilled into.")
+    chunk: ChunkConfig = Field(default_factory=ChunkConfig, description="How each rationale is cut into chunks (CWT, STT).")
+    stages: StagesConfig = Field(default_factory=StagesConfig, description="Stage markers in the student's text.")
+    stt: SkipConfig = Field(default_factory=SkipConfig, description="Skip-thinking: skip data, continued training, "
+                                                                    "skip-aware inference.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Student training (Ray Train).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation by generation (Ray Data).")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray cluster runs the stages.")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection for recovery tests; leave unset.")
 
     @field_validator("storage_path")
     @classmethod

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -28,16 +27,9 @@ import pyarrow.parquet as pq
 from .config import ExperimentConfig, UserError
 from .data_check import SPLITS, DataStop, Tally, check_reject_limit, summarise
 from .extract import get_extractor
+from .rundir import DATA_REJECT_SCHEMA, RECORD_SCHEMA, atomic_dir, write_json
 from .readers import PRESETS, Bad, get_field, derived_id, expand_paths, plan_shards, read_shard
 
-RECORD_SCHEMA = pa.schema([
-    ("id", pa.string()), ("question", pa.string()), ("rationale", pa.string()),
-    ("answer", pa.string()), ("source", pa.string()),
-])
-REJECT_SCHEMA = pa.schema([
-    ("split", pa.string()), ("file", pa.string()), ("line", pa.int64()),
-    ("id", pa.string()), ("kind", pa.string()), ("reason", pa.string()), ("raw", pa.string()),
-])
 # What a validation task sends to the driver: kept rows have kind "", rejects carry the reason.
 VALIDATED_SCHEMA = pa.schema(list(RECORD_SCHEMA) + [
     ("split", pa.string()), ("file", pa.string()), ("line", pa.int64()), ("kind", pa.string()),
@@ -371,7 +363,7 @@ def _record_table(t: pa.Table) -> pa.Table:
 
 
 def _reject_table(t: pa.Table) -> pa.Table:
-    return t.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
+    return t.select(DATA_REJECT_SCHEMA.names).cast(DATA_REJECT_SCHEMA)
 
 
 # The evaluation rows set aside until every train question is known.
@@ -427,7 +419,7 @@ def _drop_train_questions(folder: Path, split: str, train_questions: KeySet, sin
                     "split": [split] * n, "file": dup.column("source"), "line": pa.nulls(n, pa.int64()),
                     "id": dup.column("id"), "kind": ["in_train_split"] * n,
                     "reason": ["question also in the train split"] * n,
-                    "raw": pc.utf8_slice_codeunits(dup.column("question"), 0, 2000)}, schema=REJECT_SCHEMA)
+                    "raw": pc.utf8_slice_codeunits(dup.column("question"), 0, 2000)}, schema=DATA_REJECT_SCHEMA)
                 sink.write("rejects", rejects)
                 tally.rejected(rejects)
     pending_file = None
@@ -442,32 +434,22 @@ def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
     everything written, when a split loses more than data.max_reject_fraction or train keeps nothing."""
     dumped = cfg.model_dump(mode="json")
     batches = _file_batches(cfg, dumped) if cfg.data.source == "files" else _gsm_symbolic_batches(cfg, dumped)
-    tmp = data_dir.with_name(data_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sink = _Sink(tmp)
-    ids, train_questions, tally = KeySet(), KeySet(), Tally()
-    for table in batches:
-        _take_batch(table, ids, train_questions, sink, tally)
-    sink.close("train", RECORD_SCHEMA)
-    for split in ("validation", "test"):
-        sink.close(f"{split}.pending", RECORD_SCHEMA)
-    for split in ("validation", "test"):
-        _drop_train_questions(tmp, split, train_questions, sink, tally)
-    sink.close("rejects", REJECT_SCHEMA)
-    summary = summarise(cfg, tmp, tally, ids, train_questions,
-                        lambda: student_tokenizer(cfg.student.model_dump(mode="json")))
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(data_dir, ignore_errors=True)
-    tmp.rename(data_dir)   # a crash mid-way never leaves half a split under its final name
+    with atomic_dir(data_dir) as tmp:   # a crash mid-way never leaves half a split under its final name
+        sink = _Sink(tmp)
+        ids, train_questions, tally = KeySet(), KeySet(), Tally()
+        for table in batches:
+            _take_batch(table, ids, train_questions, sink, tally)
+        sink.close("train", RECORD_SCHEMA)
+        for split in ("validation", "test"):
+            sink.close(f"{split}.pending", RECORD_SCHEMA)
+        for split in ("validation", "test"):
+            _drop_train_questions(tmp, split, train_questions, sink, tally)
+        sink.close("rejects", DATA_REJECT_SCHEMA)
+        summary = summarise(cfg, tmp, tally, ids, train_questions,
+                            lambda: student_tokenizer(cfg.student.model_dump(mode="json")))
+        write_json(tmp / "summary.json", summary)
     check_reject_limit(cfg, summary, data_dir)
     if not summary["train"]["kept"]:
         raise DataStop(f"no usable training rows from data source '{cfg.data.source}' "
                        f"(reasons in {data_dir / 'rejects.parquet'})", summary)
     return summary
-
-
-def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"missing {path}: run the earlier stage first (cwt-ray run or cwt-ray chunk)")
-    return pq.read_table(path).to_pylist()

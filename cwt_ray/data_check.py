@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .chunk import step_boundaries
+from .chunking import step_boundaries
 from .config import ChunkConfig, ExperimentConfig, UserError
 
 SPLITS = ("train", "validation", "test")

@@ -7,27 +7,18 @@ answer appears anywhere (`contains_answer`), whether the answer was given in the
 """
 from __future__ import annotations
 
-import json
-import math
-import shutil
 import time
 from pathlib import Path
 
 import pyarrow as pa
 
+from .cluster import map_on_actor_pool
 from .config import ExperimentConfig
+from .console import get_logger
+from .rundir import EVAL_RECORD_SCHEMA, atomic_dir, eval_dir, split_file, student_dir, write_json
 
-RECORD_SCHEMA = pa.schema([
-    ("id", pa.string()), ("method", pa.string()), ("question", pa.string()), ("gold", pa.string()),
-    ("output", pa.string()), ("predicted", pa.string()), ("correct", pa.bool_()),
-    ("contains_answer", pa.bool_()), ("correct_format", pa.bool_()), ("complete", pa.bool_()),
-    ("tokens_generated", pa.int64()),
-    ("stages_written", pa.int64()),          # chunk stages in the output (0 for Std-CoT)
-    ("skipped", pa.list_(pa.int64())),       # stages the student skipped (STT)
-    ("skip_decisions", pa.string()),         # JSON: P(skip) and the decision at each decision point
-    ("batch_size", pa.int64()),
-    ("batch_wall_s", pa.float64()),          # generation wall time of the batch this question was in
-])
+log = get_logger("eval")
+
 BACKEND = "hf-generate"
 
 
@@ -77,7 +68,7 @@ class Generator:
                          "stages_written": len(parsed.stages) if marker else 0, "skipped": parsed.skipped,
                          "skip_decisions": decisions_json(processor.decisions[row]) if processor else "[]",
                          "batch_size": len(questions), "batch_wall_s": wall})
-        return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=EVAL_RECORD_SCHEMA)
 
 
 def metrics_of(table: pa.Table, latency: pa.Table | None, cfg: ExperimentConfig) -> dict:
@@ -116,71 +107,51 @@ def metrics_of(table: pa.Table, latency: pa.Table | None, cfg: ExperimentConfig)
     return out
 
 
-def _generate_records(ds, cfg: ExperimentConfig, method: str, student_dir: Path, batch_size: int, concurrency: int) -> pa.Table:
+def _generate_records(questions: pa.Table, cfg: ExperimentConfig, method: str, student: Path, batch_size: int,
+                      concurrency: int) -> pa.Table:
     import ray.data
 
-    from .pipeline import actor_gpus
-
     ecfg = cfg.eval
-    gpus = actor_gpus(ecfg.gpus_per_actor)
-    records = ds.map_batches(
-        Generator,
-        fn_constructor_kwargs={"student_dir": str(student_dir), "method": method,
-                               "cfg": cfg.model_dump(mode="json"), "num_threads": int(ecfg.cpus_per_actor)},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=ecfg.cpus_per_actor, num_gpus=gpus or None, batch_format="pyarrow",
-    )
+    records = map_on_actor_pool(
+        ray.data.from_arrow(questions), Generator,
+        {"student_dir": str(student), "method": method, "cfg": cfg.model_dump(mode="json"),
+         "num_threads": int(ecfg.cpus_per_actor)},
+        rows=questions.num_rows, batch_size=batch_size, concurrency=concurrency, cpus_per_actor=ecfg.cpus_per_actor,
+        gpus_per_actor=ecfg.gpus_per_actor)
     # One small row per question: collected on the driver, written once.
     batches = list(records.iter_batches(batch_format="pyarrow", batch_size=None))
-    return pa.concat_tables(batches).cast(RECORD_SCHEMA).sort_by("id") if batches else RECORD_SCHEMA.empty_table()
+    return (pa.concat_tables(batches).cast(EVAL_RECORD_SCHEMA).sort_by("id") if batches
+            else EVAL_RECORD_SCHEMA.empty_table())
 
 
 def evaluate_method(cfg: ExperimentConfig, method: str, run_dir: Path) -> dict:
     """Generate for every question of the eval split (batched), then one at a time for the first
     `eval.latency_questions` (batch-1 latency); writes records (Parquet) and metrics (JSON)."""
     import pyarrow.parquet as pq
-    import ray.data
 
     ecfg = cfg.eval
-    student_dir = run_dir / "students" / method
-    # Read before the actor pool starts: on a small cluster the pool may hold every CPU, and read
-    # tasks queued behind it would wait forever.
+    student = student_dir(run_dir, method)
     # The split's questions are small rows; ordering them by id on the driver fixes which questions
     # `limit` and the latency subset take (a distributed sort is not worth its shuffle here).
-    questions = pq.read_table(str(run_dir / "data" / f"{ecfg.split}.parquet"), columns=["id", "question", "answer"])
+    questions = pq.read_table(str(split_file(run_dir, ecfg.split)), columns=["id", "question", "answer"])
     questions = questions.sort_by("id").slice(0, ecfg.limit or None)
-    ds = ray.data.from_arrow(questions).materialize()
-    n = ds.count()
-    out_dir = run_dir / "evals" / method
-    tmp = out_dir.with_name(method + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    # An actor works through a block's batches alone: one block per batch lets every actor help.
-    table = _generate_records(ds.repartition(max(1, math.ceil(n / ecfg.batch_size))).materialize(),
-                              cfg, method, student_dir, ecfg.batch_size, ecfg.concurrency)
+    table = _generate_records(questions, cfg, method, student, ecfg.batch_size, ecfg.concurrency)
     latency = None
     if ecfg.latency_questions:
         # One actor, one question at a time: latency is what a single user waits, not a share of a batch.
-        subset = ds.limit(ecfg.latency_questions).repartition(1).materialize()
-        latency = _generate_records(subset, cfg, method, student_dir, 1, 1)
-    (tmp / "records").mkdir(parents=True)
-    pq.write_table(table, tmp / "records" / "records.parquet")
-    if latency is not None:
-        pq.write_table(latency, tmp / "latency.parquet")
+        latency = _generate_records(questions.slice(0, ecfg.latency_questions), cfg, method, student, 1, 1)
     metrics = metrics_of(table, latency, cfg)
     metrics["eval_wall_s"] = time.perf_counter() - t0
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(eval_dir(run_dir, method)) as tmp:
+        (tmp / "records").mkdir()
+        pq.write_table(table, tmp / "records" / "records.parquet")
+        if latency is not None:
+            pq.write_table(latency, tmp / "latency.parquet")
+        write_json(tmp / "metrics.json", metrics)
     lat = f", batch-1 latency {metrics['latency_s']:.2f}s" if metrics.get("latency_s") is not None else ""
     skip = f", {metrics['skipped_per_answer']:.2f} stages skipped/answer" if method == "stt" else ""
-    print(f"[eval {method}] {metrics['n']} questions: accuracy {metrics['accuracy']:.3f}, "
-          f"complete {metrics['complete']:.2f}, {metrics['tokens_generated']:.1f} tokens/answer{skip}{lat}, "
-          f"batched {metrics['batched_questions_per_s'] or 0:.2f} questions/s (batch {ecfg.batch_size})", flush=True)
+    log.info(f"[eval {method}] {metrics['n']} questions: accuracy {metrics['accuracy']:.3f}, "
+             f"complete {metrics['complete']:.2f}, {metrics['tokens_generated']:.1f} tokens/answer{skip}{lat}, "
+             f"batched {metrics['batched_questions_per_s'] or 0:.2f} questions/s (batch {ecfg.batch_size})")
     return metrics
-
-
-def read_eval_records(run_dir: Path, method: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(str(run_dir / "evals" / method / "records"), schema=RECORD_SCHEMA).sort_by("id")

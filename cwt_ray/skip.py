@@ -19,31 +19,16 @@ scores; `SkipScorer` is the Ray Data actor that scores with a real student.
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import pyarrow as pa
 
+from .cluster import map_on_actor_pool
 from .config import SkipConfig
-
-SKIP_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("num_chunks", pa.int64()),
-    ("status", pa.string()),                    # see STATUSES
-    ("baseline_nll", pa.float64()),             # answer's mean token NLL with every chunk
-    ("baseline_correct", pa.bool_()),           # the student writes the gold answer with every chunk
-    ("skip_sets", pa.list_(pa.list_(pa.int64()))),   # one list of skipped stages per skip sequence
-    ("skipped", pa.list_(pa.int64())),          # union of the skipped stages
-    ("trials", pa.string()),                    # JSON: every removal tested, its NLL, correctness, verdict
-    ("candidates_scored", pa.int64()),
-    ("note", pa.string()),
-])
-STATUSES = ("skipped", "none_skippable", "wrong_with_all_chunks", "no_middle_chunk", "too_long", "error")
-
+from .rundir import SKIP_SCHEMA, SKIP_STATUSES, atomic_dir, chunks_dir, read_chunks, split_file, write_json
 
 @dataclass(frozen=True)
 class Score:
@@ -189,7 +174,7 @@ class SkipScorer:
 
 def summarise(table: pa.Table, rows_in: int, cfg: SkipConfig) -> dict:
     rows = table.to_pylist()
-    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    counts = {s: sum(r["status"] == s for r in rows) for s in SKIP_STATUSES}
     tested = [t for r in rows for t in json.loads(r["trials"])]
     accepted = [t["delta"] for t in tested if t["passes"]]
     base = [r["baseline_nll"] for r in rows if r["baseline_nll"] is not None]
@@ -213,43 +198,21 @@ def skip_split(run_dir: Path, out_dir: Path, cfg, student_path: Path) -> dict:
     import pyarrow.parquet as pq
     import ray.data
 
-    from .chunk import read_chunks
-    from .pipeline import actor_gpus
-
     scfg = cfg.stt
-    chunks = read_chunks(run_dir / "chunks" / "train").select(["id", "chunks"])
-    records = pq.read_table(str(run_dir / "data" / "train.parquet"), columns=["id", "question", "answer"])
+    chunks = read_chunks(chunks_dir(run_dir, "train")).select(["id", "chunks"])
+    records = pq.read_table(str(split_file(run_dir, "train")), columns=["id", "question", "answer"])
     qa = {r["id"]: r for r in records.to_pylist()}   # (Arrow joins cannot carry list columns)
     table = pa.Table.from_pylist([{**qa[c["id"]], "chunks": c["chunks"]} for c in chunks.to_pylist() if c["id"] in qa])
-    gpus = actor_gpus(scfg.gpus_per_actor)
     rows_in = table.num_rows
-    ds = ray.data.from_arrow(table).repartition(max(1, math.ceil(rows_in / scfg.batch_size))).materialize()
-    scored = ds.map_batches(
-        SkipScorer, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "student_path": str(student_path),
-                                           "num_threads": int(scfg.cpus_per_actor)},
-        batch_size=scfg.batch_size, compute=ray.data.ActorPoolStrategy(size=scfg.concurrency),
-        num_cpus=scfg.cpus_per_actor, num_gpus=gpus or None, batch_format="pyarrow")
+    scored = map_on_actor_pool(
+        ray.data.from_arrow(table), SkipScorer,
+        {"cfg": cfg.model_dump(mode="json"), "student_path": str(student_path), "num_threads": int(scfg.cpus_per_actor)},
+        rows=rows_in, batch_size=scfg.batch_size, concurrency=scfg.concurrency, cpus_per_actor=scfg.cpus_per_actor,
+        gpus_per_actor=scfg.gpus_per_actor)
     batches = list(scored.iter_batches(batch_format="pyarrow", batch_size=None))
     out = pa.concat_tables(batches).cast(SKIP_SCHEMA).sort_by("id") if batches else SKIP_SCHEMA.empty_table()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pq.write_table(out, tmp / "skips.parquet")
     summary = summarise(out, rows_in, scfg)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pq.write_table(out, tmp / "skips.parquet")
+        write_json(tmp / "summary.json", summary)
     return summary
-
-
-def read_skips(path: Path) -> dict[str, list[list[int]]]:
-    """id -> its skip sequences (lists of skipped stages), for rationales with at least one."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(str(Path(path) / "skips.parquet"), schema=SKIP_SCHEMA)
-    return {r["id"]: r["skip_sets"] for r in table.to_pylist() if r["skip_sets"]}
-
-
-def read_skip_summary(path: Path) -> Optional[dict]:
-    p = Path(path) / "summary.json"
-    return json.loads(p.read_text()) if p.is_file() else None

@@ -10,8 +10,6 @@ those (Fine-tune-CoT). Output: <run>/teach/rationales.parquet, which `data.train
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -20,7 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .cluster import actor_gpus, map_on_actor_pool
 from .config import ExperimentConfig, StudentConfig, UserError
+from .console import get_logger
+from .rundir import atomic_dir, write_json
+
+log = get_logger("teach")
 
 TEACH_SCHEMA = pa.schema([
     ("id", pa.string()), ("question", pa.string()), ("rationale", pa.string()), ("answer", pa.string()),
@@ -124,7 +127,6 @@ def teach(cfg: ExperimentConfig) -> Path:
     import ray.data
 
     from .data import write_train_questions
-    from .pipeline import actor_gpus
     from .student import resolve_student
 
     t = cfg.teach
@@ -137,33 +139,28 @@ def teach(cfg: ExperimentConfig) -> Path:
                         f"(a local Hugging Face causal LM)") from None
     engine = pick_engine(t.engine)
     out = cfg.run_dir / "teach"
-    tmp = out.with_name("teach.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    counts = write_train_questions(cfg, tmp / "questions.parquet")
-    ds = ray.data.read_parquet(str(tmp / "questions.parquet"))
-    # An actor works through a block's batches alone: one block per batch lets every actor help.
-    ds = ds.repartition(max(1, -(-counts["questions"] // t.batch_size)))
-    gpus = actor_gpus(t.gpus_per_actor)
-    generated = ds.map_batches(
-        Teacher, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "model_path": model_path, "engine": engine},
-        batch_size=t.batch_size, compute=ray.data.ActorPoolStrategy(size=t.concurrency),
-        num_cpus=t.cpus_per_actor, num_gpus=gpus or None, batch_format="numpy")
-    finish, agree = Counter(), Counter()
-    with pq.ParquetWriter(tmp / "rationales.parquet", TEACH_SCHEMA) as writer:
-        for table in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
-            table = table.select(TEACH_SCHEMA.names).cast(TEACH_SCHEMA)
-            finish.update(table.column("finish_reason").to_pylist())
-            agree.update(table.column("agrees").to_pylist())
-            writer.write_table(table)
-    summary = {"teacher": t.teacher, "engine": engine, "prompt": t.prompt, "num_samples": t.num_samples,
-               "temperature": t.temperature, "max_new_tokens": t.max_new_tokens, "gpus_per_actor": gpus,
-               "train_rows_in": counts["rows_in"], "questions": counts["questions"],
-               "questions_rejected": counts["rejected"], "generated": sum(finish.values()),
-               "agreeing": agree[True], "disagreeing": agree[False], "finish_reasons": dict(finish)}
-    assert summary["generated"] == summary["questions"] * t.num_samples == summary["agreeing"] + summary["disagreeing"]
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    print(f"[teach] {summary['generated']} rationales for {summary['questions']} questions from {t.teacher} "
-          f"({engine}); {summary['agreeing']} agree with the gold answer -> {out / 'rationales.parquet'}", flush=True)
+    with atomic_dir(out) as tmp:
+        counts = write_train_questions(cfg, tmp / "questions.parquet")
+        generated = map_on_actor_pool(
+            ray.data.read_parquet(str(tmp / "questions.parquet")), Teacher,
+            {"cfg": cfg.model_dump(mode="json"), "model_path": model_path, "engine": engine},
+            rows=counts["questions"], batch_size=t.batch_size, concurrency=t.concurrency,
+            cpus_per_actor=t.cpus_per_actor, gpus_per_actor=t.gpus_per_actor, batch_format="numpy")
+        finish, agree = Counter(), Counter()
+        with pq.ParquetWriter(tmp / "rationales.parquet", TEACH_SCHEMA) as writer:
+            for table in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
+                table = table.select(TEACH_SCHEMA.names).cast(TEACH_SCHEMA)
+                finish.update(table.column("finish_reason").to_pylist())
+                agree.update(table.column("agrees").to_pylist())
+                writer.write_table(table)
+        summary = {"teacher": t.teacher, "engine": engine, "prompt": t.prompt, "num_samples": t.num_samples,
+                   "temperature": t.temperature, "max_new_tokens": t.max_new_tokens,
+                   "gpus_per_actor": actor_gpus(t.gpus_per_actor),
+                   "train_rows_in": counts["rows_in"], "questions": counts["questions"],
+                   "questions_rejected": counts["rejected"], "generated": sum(finish.values()),
+                   "agreeing": agree[True], "disagreeing": agree[False], "finish_reasons": dict(finish)}
+        assert summary["generated"] == summary["questions"] * t.num_samples == summary["agreeing"] + summary["disagreeing"]
+        write_json(tmp / "summary.json", summary)
+    log.info(f"[teach] {summary['generated']} rationales for {summary['questions']} questions from {t.teacher} "
+             f"({engine}); {summary['agreeing']} agree with the gold answer -> {out / 'rationales.parquet'}")
     return out

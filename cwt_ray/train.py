@@ -19,11 +19,9 @@ DDP averages gradients over workers, so each worker's loss is multiplied by the 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
-import shutil
 import signal
 import tempfile
 import time
@@ -35,15 +33,16 @@ import torch
 
 from .batches import Batch, collate, epoch_steps, micro_batches, worker_share
 from .config import ExperimentConfig
+from .console import fmt_eta, get_logger
+from . import rundir
+from .rundir import (CHUNK_SCHEMA, TRAIN_LOG, TRAIN_METRICS, atomic_dir, read_chunks, read_json, read_records,
+                     read_skips, skips_dir, split_file, student_dir, write_json)
 from .samples import IGNORE, KIND_NAMES, Sample
 from .student import needs_full_head, token_nll
 
 # Ray forwards a worker's print() twice under Train V2; a logger's records come through once.
-log = logging.getLogger("cwt_ray.train")
-log.setLevel(logging.INFO)
+log = get_logger("train")
 
-TRAIN_LOG = "train_log.jsonl"
-TRAIN_METRICS = "train_metrics.json"
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -162,21 +161,18 @@ def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer, c
                  split: str = "train") -> tuple[list[Sample], int]:
     """The method's samples of a split, and how many were dropped for exceeding student.max_length.
     Validation (held-out loss): STT's samples there are its CWT-format samples (no skip scoring)."""
-    from .chunk import read_chunks
-    from .data import read_records
     from .samples import SampleBuilder, build_samples
-    from .skip import read_skips
 
-    records = read_records(run_dir / "data" / f"{split}.parquet")
+    records = read_records(split_file(run_dir, split))
     if split != "train" and method == "stt":
         method = "cwt"
     chunks, skips = {}, None
     if method in ("cwt", "stt"):
-        table = read_chunks(chunks_dir or run_dir / "chunks" / split)
+        table = read_chunks(chunks_dir or rundir.chunks_dir(run_dir, split))
         chunks = dict(zip(table.column("id").to_pylist(), table.column("chunks").to_pylist()))
         records = [r for r in records if r["id"] in chunks]   # rationales the chunk stage rejected
     if method == "stt":
-        skips = read_skips(run_dir / "skips" / "train")
+        skips = read_skips(skips_dir(run_dir))
     return build_samples(SampleBuilder(tokenizer, cfg), method, records, chunks, cfg.train.cwt_schedule,
                          skips_by_id=skips, chunk_mix=cfg.stt.chunk_mix, seed=cfg.train.seed)
 
@@ -184,8 +180,8 @@ def load_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer, c
 def load_validation_samples(cfg: ExperimentConfig, method: str, run_dir: Path, tokenizer) -> list[Sample] | None:
     """The held-out loss's samples, or None when the run has no validation split (or, for CWT and
     STT, no chunked one)."""
-    split = run_dir / "data" / "validation.parquet"
-    chunked = method == "std_cot" or (run_dir / "chunks" / "validation" / "chunks.parquet").is_file()
+    split = split_file(run_dir, "validation")
+    chunked = method == "std_cot" or (rundir.chunks_dir(run_dir, "validation") / "chunks.parquet").is_file()
     if not split.is_file() or not chunked:
         return None
     samples, _ = load_samples(cfg, method, run_dir, tokenizer, split="validation")
@@ -259,16 +255,19 @@ def rechunk_with_student(cfg: ExperimentConfig, run_dir: Path, tokenizer_path: s
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .chunk import CHUNK_SCHEMA, Chunker
     from .chunk_view import summarise
+    from .chunking import ChunkLossScorer, RecordChunker
+    from .samples import SampleBuilder
+    from .student import load_tokenizer
 
-    records = pq.read_table(str(run_dir / "data" / "train.parquet")).sort_by("id")
+    records = pq.read_table(str(split_file(run_dir, "train"))).sort_by("id")
     mine = records.take(list(range(rank, records.num_rows, world)))
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    chunker = Chunker(cfg.model_dump(mode="json"), tokenizer_path, None, None, student_model=model)
-    table = chunker(mine)
+    tokenizer = load_tokenizer(tokenizer_path)
+    scorer = ChunkLossScorer(model, SampleBuilder(tokenizer, cfg), cfg.student.max_length, cfg.chunk.sbc_batch_size)
+    table = RecordChunker(cfg.chunk, tokenizer, None, scorer)(mine)
     model.train(was_training)
     parts = [None] * world
     if world > 1:
@@ -276,18 +275,14 @@ def rechunk_with_student(cfg: ExperimentConfig, run_dir: Path, tokenizer_path: s
     else:
         parts = [table.to_pylist()]
     rows = sorted((r for part in parts for r in part), key=lambda r: r["id"])
-    out = run_dir / "chunks" / f"train-epoch{epoch}"
+    out = rundir.chunks_dir(run_dir, f"train-epoch{epoch}")
     if rank == 0:
         full = pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
         kept = full.filter(pc.is_valid(full.column("chunks")))
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        pq.write_table(kept, tmp / "chunks.parquet")
-        summary = summarise(kept, records.num_rows, full.num_rows - kept.num_rows, cfg.chunk)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        with atomic_dir(out) as tmp:
+            pq.write_table(kept, tmp / "chunks.parquet")
+            summary = summarise(kept, records.num_rows, full.num_rows - kept.num_rows, cfg.chunk)
+            write_json(tmp / "summary.json", summary)
         sbc = summary.get("sbc", {})
         log.info(f"[train cwt] epoch {epoch}: SBC re-run with the current student, {kept.num_rows} rationales, "
                  f"mean chunk loss {sbc.get('mean_loss_before', float('nan')):.4f} -> "
@@ -295,11 +290,6 @@ def rechunk_with_student(cfg: ExperimentConfig, run_dir: Path, tokenizer_path: s
     if world > 1:
         torch.distributed.barrier()   # the folder exists before anyone reads it
     return out
-
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 @dataclass
@@ -519,7 +509,7 @@ class Checkpointer:
         if final:
             metrics = {**summary(run.log_rows, len(run.samples), run.dropped, run.world),
                        "worker_nodes": run.worker_nodes, "precision": run.precision, "pack_tokens": run.pack_tokens}
-            (d / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2))
+            write_json(d / TRAIN_METRICS, metrics)
 
 
 # Per micro-batch statistics summed over a step: loss, real tokens, computed tokens (rows x width),
@@ -667,7 +657,7 @@ def _progress(run: WorkerRun, row: dict, elapsed: float) -> None:
     val = f" val_loss {row['val_loss']:.4f}" if row.get("val_loss") is not None else ""
     log.info(f"[train {run.method}] step {done}/{run.total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f}{val} "
              f"lr {row['lr']:.2e} tok/s {row['processed_tokens'] / row['step_time_s']:.0f} "
-             f"sup tok/s {row['supervised_tokens'] / row['step_time_s']:.0f} ETA {_fmt_eta(eta)}")
+             f"sup tok/s {row['supervised_tokens'] / row['step_time_s']:.0f} ETA {fmt_eta(eta)}")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -797,13 +787,10 @@ def train_method(cfg: ExperimentConfig, method: str, run_dir: Path, student_path
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
-    dest = run_dir / "students" / method
-    tmp = dest.with_name(method + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    result.checkpoint.to_directory(str(tmp))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    metrics = json.loads((dest / TRAIN_METRICS).read_text())
-    metrics["fit_wall_s"] = wall
-    (dest / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2))
+    dest = student_dir(run_dir, method)
+    with atomic_dir(dest) as tmp:
+        result.checkpoint.to_directory(str(tmp))
+        metrics = read_json(tmp / TRAIN_METRICS)
+        metrics["fit_wall_s"] = wall
+        write_json(tmp / TRAIN_METRICS, metrics)
     return metrics

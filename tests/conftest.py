@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ray_cluster():
     import ray
 
-    from cwt_ray.pipeline import OFFLINE_ENV, quiet_ray_data
+    from cwt_ray.cluster import OFFLINE_ENV, quiet_ray_data
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
@@ -110,20 +110,20 @@ def run_shared(_stage_outputs):
     return run
 
 
-def full_forward_scores(chunker, record: dict, steps: list[str], candidates: list[list[int]]) -> list[float]:
+def full_forward_scores(scorer, record: dict, steps: list[str], candidates: list[list[int]]) -> list[float]:
     """SBC's score of each candidate the straightforward way: its whole chunk-wise sequence alone
     through the student with full logits, mean over chunks of each chunk's mean token NLL."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from cwt_ray.chunk import chunk_texts
+    from cwt_ray.chunking import chunk_texts
 
     scores = []
     for groups in candidates:
-        ids, stages = chunker.builder.stage_sequence(record, chunk_texts(steps, groups))
+        ids, stages = scorer.builder.stage_sequence(record, chunk_texts(steps, groups))
         with torch.no_grad():
-            logits = chunker.student(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            logits = scorer.student(input_ids=torch.tensor([ids])).logits[0, :-1].float()
         nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
         target = torch.tensor(stages[1:])
         scores.append(float(np.mean([nll[target == i].mean().item() for i in range(1, len(groups) + 1)])))

@@ -5,8 +5,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cwt_ray.chunk import (CHUNK_SCHEMA, Chunker, balanced_partition, candidate_moves, coherent_partition,
-                           resolve_embedding_model, sbc_search, split_steps, threshold_partition)
+from cwt_ray.chunk import Chunker
+from cwt_ray.chunking import (balanced_partition, candidate_moves, coherent_partition, resolve_embedding_model,
+                              sbc_search, split_steps, threshold_partition)
+from cwt_ray.rundir import CHUNK_SCHEMA
 from cwt_ray.config import ChunkConfig, UserError, load_config
 from conftest import ROOT, full_forward_scores
 
@@ -207,18 +209,19 @@ def test_sbc_scores_equal_a_full_forward_of_each_candidate(tiny_student, stages,
     chunks (LINES: every candidate has the same 58 tokens): the shared prefix must stop where
     the chunks differ."""
     chunker = _chunker(tiny_student, "chunk.heuristic=sbc", *stages, "chunk.sbc_batch_size=3", student=True)
-    chunker.student.float()
+    scorer = chunker.chunker.scorer
+    scorer.student.float()
     steps = _steps(record["rationale"], chunker.cfg.step_unit)
     n = len(steps)
     candidates = [[2, n], [1, 3, n], [2, 4, n], [1, 2, 4, n], [3, n]]   # K 2..4, two forward batches
-    got = chunker._chunk_losses(record, steps, candidates)
-    assert got == pytest.approx(full_forward_scores(chunker, record, steps, candidates), rel=1e-5, abs=1e-5)
+    got = scorer(record, steps, candidates)
+    assert got == pytest.approx(full_forward_scores(scorer, record, steps, candidates), rel=1e-5, abs=1e-5)
 
 
 def test_slow_chunking_reports_progress_within_a_batch(tiny_student, monkeypatch, capsys):
-    import cwt_ray.chunk as chunk
+    import cwt_ray.chunking as chunking
 
-    monkeypatch.setattr(chunk, "PROGRESS_EVERY_S", 0.0)   # every rationale counts as slow
+    monkeypatch.setattr(chunking, "PROGRESS_EVERY_S", 0.0)   # every rationale counts as slow
     _chunker(tiny_student, "chunk.heuristic=sbc", "chunk.sbc_max_passes=1", student=True)(pa.Table.from_pylist(ROWS[:3]))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("[chunk sbc] 1/3 rationales of this batch,") and "batch done in ~" in lines[0]
@@ -234,7 +237,7 @@ def test_a_killed_chunk_stage_reuses_its_finished_batches(tiny_student, tmp_path
     assert len(list((tmp_path / "train.done").glob("*.parquet"))) == 1
 
     again = Chunker(tree, str(tiny_student), None, str(tiny_student), done_dir=done)
-    again._chunk_one = None   # chunking now would turn every row into a reject: the batch must come from disk
+    again.chunker = None   # chunking now would fail: the batch must come from disk
     assert again(pa.Table.from_pylist(ROWS[:3])).to_pylist() == first.to_pylist()
     assert "3 rationales chunked by an earlier attempt, reused" in capsys.readouterr().out
 
@@ -281,3 +284,18 @@ def test_sbc_chunks_are_redone_when_the_training_format_changes(tmp_path):
     for marker in ["stages.chunk_marker=<{stage}> ", "prompt.template=Solve {question} then answer"]:
         assert chunk_fp("chunk.heuristic=sbc") != chunk_fp("chunk.heuristic=sbc", marker)
         assert chunk_fp("chunk.heuristic=average") == chunk_fp("chunk.heuristic=average", marker)
+
+
+def test_chunk_record_is_a_plain_function_of_the_record_and_its_token_counts():
+    """The algorithm alone, without Ray, a tokenizer or a model: token counts come in as numbers,
+    and the chunks are the balanced partition of them, joined back losslessly."""
+    from cwt_ray.chunking import chunk_record
+
+    ends, steps = split_steps(GSM, "line")
+    lengths = [len(s) for s in steps]   # any per-step counts will do
+    row = chunk_record({"id": "a", "rationale": GSM}, ChunkConfig(heuristic="average", num_chunks=2), ends, steps,
+                       lengths)
+    groups = balanced_partition(lengths, 2)
+    assert row["num_chunks"] == 2 and "".join(row["chunks"]) == GSM
+    assert row["chunk_tokens"] == [sum(lengths[:groups[0]]), sum(lengths[groups[0]:])]
+    assert row["boundaries"] == [0, ends[groups[0] - 1], len(GSM)]

@@ -104,7 +104,7 @@ def test_without_the_dashboard_workers_silence_ray_trains_state_api_poll():
     import importlib
     import logging
 
-    from cwt_ray.pipeline import QUIET_WITHOUT_STATE_API, RAY_TRAIN_PG_CLEANER
+    from cwt_ray.cluster import QUIET_WITHOUT_STATE_API, RAY_TRAIN_PG_CLEANER
 
     module, name = QUIET_WITHOUT_STATE_API.rsplit(".", 1)
     logger = logging.getLogger(RAY_TRAIN_PG_CLEANER)
@@ -123,7 +123,7 @@ def test_embedded_cluster_runs_ray_train_without_the_preemption_watcher():
     preemption watcher off there, and only there (a cluster we join keeps it)."""
     from ray.train.v2._internal import constants
 
-    from cwt_ray.pipeline import QUIET_WITHOUT_STATE_API, RAY_TRAIN_PREEMPTION_WATCHER, job_runtime_env
+    from cwt_ray.cluster import QUIET_WITHOUT_STATE_API, RAY_TRAIN_PREEMPTION_WATCHER, job_runtime_env
 
     cfg = load_config(QUICKSTART)
     local = job_runtime_env(cfg, "local")

@@ -348,7 +348,7 @@ def test_data_check_counts_profiles_and_shows_examples(ray_cluster, smoke_cfg, t
     splits, measured here again with the student's tokenizer), fewer steps than K, and the first
     train rows as examples."""
     from cwt_ray import data_check
-    from cwt_ray.chunk import step_boundaries
+    from cwt_ray.chunking import step_boundaries
     from cwt_ray.data import _key, student_tokenizer
 
     monkeypatch.setattr(data_check, "PROFILE_ROWS", 10)

@@ -67,14 +67,16 @@ def test_family_trains_and_generates_through_our_code(family_student):
 def test_family_scores_sbc_candidates_like_a_full_forward(family_student):
     """SBC continues each candidate from the KV cache of the shared prefix: every family's cache
     must give the scores of a full forward."""
-    from cwt_ray.chunk import Chunker, split_steps
+    from cwt_ray.chunk import Chunker
+    from cwt_ray.chunking import split_steps
 
     _, folder = family_student
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"student.name={folder}", "chunk.heuristic=sbc",
                                                          "chunk.sbc_batch_size=2"])
     chunker = Chunker(cfg.model_dump(mode="json"), str(folder), None, str(folder))
-    chunker.student.float()
+    scorer = chunker.chunker.scorer
+    scorer.student.float()
     steps = split_steps(RECORDS[0]["rationale"], "line")[1]
     candidates = [[1, 3], [2, 3], [1, 2, 3]]
-    assert chunker._chunk_losses(RECORDS[0], steps, candidates) == pytest.approx(
-        full_forward_scores(chunker, RECORDS[0], steps, candidates), rel=1e-5, abs=1e-5)
+    assert scorer(RECORDS[0], steps, candidates) == pytest.approx(
+        full_forward_scores(scorer, RECORDS[0], steps, candidates), rel=1e-5, abs=1e-5)

@@ -4,7 +4,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from cwt_ray.chunk import read_chunks
+from cwt_ray.rundir import read_chunks
 from cwt_ray.config import UserError
 from cwt_ray.pipeline import RunState, run_stages
 
@@ -44,7 +44,7 @@ def test_end_to_end_std_cot_cwt_stt_then_rerun_skips_finished_stages(ray_cluster
     from transformers import AutoModelForCausalLM
 
     from cwt_ray.cli import main
-    from cwt_ray.skip import STATUSES
+    from cwt_ray.rundir import SKIP_STATUSES as STATUSES
 
     overrides = ["methods=[std_cot,cwt,stt]", "train.tensorboard=true", "stt.threshold=100",
                  "stt.require_correct=false", "eval.latency_questions=2"]
@@ -86,6 +86,13 @@ def test_end_to_end_std_cot_cwt_stt_then_rerun_skips_finished_stages(ray_cluster
     assert ev["n"] == 8 and ev["latency_n"] == 2 and ev["latency_batch_size"] == 1 and "skipped_per_answer" in ev
     assert len(pq.read_table(run_dir / "evals" / "stt" / "latency.parquet")) == 2
     assert "| STT |" in text and "## Skip data (STT)" in text and "batch-1 latency" in text
+    assert "## Chunks (CWT)" in text and "(chunks/train/view.html)" in text and str(run_dir) not in text
+
+    # The skip stage is a stage like the others: `cwt-ray skip CONFIG` redoes it alone.
+    capsys.readouterr()
+    assert main(["skip", str(run_dir / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "[skip] 32 rationales (nll gate, cumulative)" in out and "[train" not in out and "[eval" not in out
 
     capsys.readouterr()
     run_stages(cfg)

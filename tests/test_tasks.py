@@ -6,7 +6,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from cwt_ray.chunk import read_chunks
+from cwt_ray.rundir import read_chunks
 from cwt_ray.pipeline import run_stages
 
 pytestmark = pytest.mark.slow
