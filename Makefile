@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run smoke test test-fast study-cpu-reduced clean
+.PHONY: install run smoke test test-fast docs study-cpu-reduced clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,13 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest tests -q -m "not slow" $(ARGS)
+
+# Generated docs: every config key (docs/config.md) and the README's result tables from the
+# published artefacts under docs/results/. tests/test_config_doc.py and tests/test_docs.py fail when
+# either is stale.
+docs: install
+	$(BIN)/python -m cwt_ray.config_doc
+	$(BIN)/python scripts/readme_tables.py
 
 # The CPU reduced protocol of the study (docs/results.md), every run and sweep, then its table (~2.5 h).
 study-cpu-reduced: install

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 from .chunking import ChunkLossScorer, RecordChunker, chunk_params, resolve_embedding_model
 from .cluster import map_on_actor_pool
 from .console import get_logger
-from .rundir import CHUNK_REJECT_SCHEMA, CHUNK_SCHEMA, atomic_dir, write_json
+from .rundir import CHUNK_REJECT_SCHEMA, CHUNK_SCHEMA, atomic_dir, atomic_file, write_json
 
 log = get_logger("chunk")
 
@@ -73,9 +72,8 @@ class Chunker:
                 done_file.unlink(missing_ok=True)
         table = self.chunker(batch)
         self.done_dir.mkdir(parents=True, exist_ok=True)
-        tmp = done_file.with_suffix(f".{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        tmp.rename(done_file)   # atomic: a kill mid-write leaves no half file under the final name
+        with atomic_file(done_file) as tmp:   # a kill mid-write leaves no half file under the final name
+            pq.write_table(table, tmp)
         return table
 
 

@@ -26,8 +26,7 @@ import pyarrow.parquet as pq
 
 from .chunking import step_boundaries
 from .config import ChunkConfig, ExperimentConfig, UserError
-
-SPLITS = ("train", "validation", "test")
+from .rundir import SPLITS
 
 PROFILE_ROWS = 10_000
 EXAMPLES = 3

@@ -51,7 +51,7 @@ class Generator:
             processor = decision_processor(self.tok, self.builder, self.cfg.stt.skip_confidence,
                                            self.cfg.stt.skippable, len(questions))
         new_ids, wall = generate(self.model, self.tok, prefixes, self.cfg.eval.max_new_tokens, processor)
-        print(f"[eval {self.method}] {len(questions)} questions in {wall:.1f}s", flush=True)
+        log.info(f"[eval {self.method}] {len(questions)} questions in {wall:.1f}s")
         marker = self.builder.chunk_marker if self.method != "std_cot" else ""
         rows = []
         for row, (rid, q, gold, ids) in enumerate(zip(batch.column("id").to_pylist(), questions,

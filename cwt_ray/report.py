@@ -179,7 +179,9 @@ def write_report(cfg: ExperimentConfig, run_dir: Path) -> Path:
     if data_summary:
         lines += ["## Data", "", *markdown_check(data_summary), "",
                   "Rejected rows and their reasons: `data/rejects.parquet`; the same check: `cwt-ray data CONFIG`.", ""]
-    lines += ["## Config", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
+    # storage_path as seen from this run directory: the report names no folder of the machine.
+    shown = cfg.model_copy(update={"storage_path": ".."})
+    lines += ["## Config", "", "```yaml", shown.to_yaml().rstrip(), "```", ""]
     path = run_dir / "report.md"
     write_atomic(path, "\n".join(lines))
     return path

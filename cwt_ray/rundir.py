@@ -174,16 +174,26 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.rename(final)
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file through a temporary one and a rename: readers (and a resumed run) see the old
-    content or the new one, never half of it. The pid keeps concurrent writers apart."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; when the block ends without an error it
+    replaces `path`. Readers (and a resumed run) see the old content or the new one, never half of
+    it. The pid keeps concurrent writers of the same file apart."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    tmp.replace(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    with atomic_file(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
 
 
 def write_json(path: Path, obj) -> None:

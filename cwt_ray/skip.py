@@ -28,7 +28,10 @@ import pyarrow as pa
 
 from .cluster import map_on_actor_pool
 from .config import SkipConfig
+from .console import get_logger
 from .rundir import SKIP_SCHEMA, SKIP_STATUSES, atomic_dir, chunks_dir, read_chunks, split_file, write_json
+
+log = get_logger("skip")
 
 @dataclass(frozen=True)
 class Score:
@@ -168,7 +171,7 @@ class SkipScorer:
                          "trials": json.dumps(found.get("trials", [])),
                          "candidates_scored": found.get("candidates_scored", 0), "note": found.get("note", "")})
         n_skip = sum(r["status"] == "skipped" for r in rows)
-        print(f"[skip] {len(rows)} rationales in {time.perf_counter() - t0:.1f}s, {n_skip} with a skip", flush=True)
+        log.info(f"[skip] {len(rows)} rationales in {time.perf_counter() - t0:.1f}s, {n_skip} with a skip")
         return pa.Table.from_pylist(rows, schema=SKIP_SCHEMA)
 
 

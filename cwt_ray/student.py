@@ -16,9 +16,13 @@ import os
 from pathlib import Path
 
 from .config import StudentConfig, UserError
+from .console import get_logger
+from .rundir import atomic_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STUDENT_JSON = "cwt_student.json"   # prompt, markers, answer template: how to talk to this student
+
+log = get_logger("student")
 
 
 def cache_dir() -> Path:
@@ -60,10 +64,9 @@ def _convert_smollm2(dest: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = dest.with_name(dest.name + ".tmp")
-    model.save_pretrained(tmp)
-    _gguf_tokenizer().save_pretrained(tmp)
-    tmp.rename(dest)
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        _gguf_tokenizer().save_pretrained(tmp)
 
 
 def _write_tiny_llama(dest: Path) -> None:
@@ -78,10 +81,9 @@ def _write_tiny_llama(dest: Path) -> None:
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    tmp = dest.with_name(dest.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(dest)
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 BUILTIN = {"smollm2-135m": _convert_smollm2, "tiny-llama": _write_tiny_llama}
@@ -94,7 +96,7 @@ def resolve_student(cfg: StudentConfig) -> Path:
         if not (dest / "config.json").is_file():
             with _locked(dest):
                 if not (dest / "config.json").is_file():
-                    print(f"[student] preparing {cfg.name} once in {dest} ...", flush=True)
+                    log.info(f"[student] preparing {cfg.name} once in {dest} ...")
                     BUILTIN[cfg.name](dest)
         return dest
     path = Path(cfg.name).expanduser()

@@ -321,6 +321,7 @@ class WorkerRun:
     log_rows: list[dict] = field(default_factory=list)
     order: list[list[int]] = field(default_factory=list)
     order_epoch: int = -1
+    n_params: int = 0   # the student's parameter count, for MFU (counted on the first GPU step)
 
     @property
     def tcfg(self):
@@ -575,8 +576,8 @@ def _step_row(run: WorkerRun, step: int, local, lr: float, grad_norm: float, sup
            "sample_ids": list(global_batch)}
     flops_peak = peak_flops(run.device)
     if flops_peak:
-        n_params = sum(p.numel() for p in run.raw_model.parameters())
-        row["mfu"] = 6 * n_params * row["processed_tokens"] / dt / (flops_peak * run.world)
+        run.n_params = run.n_params or sum(p.numel() for p in run.raw_model.parameters())
+        row["mfu"] = 6 * run.n_params * row["processed_tokens"] / dt / (flops_peak * run.world)
     if not math.isfinite(row["loss"]):
         raise FloatingPointError(f"non-finite loss at step {step + 1} ({run.method})")
     return row
