@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from .config import ExperimentConfig
+from .sweep_config import SweepConfig
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -129,15 +130,23 @@ def table(fields: list[tuple[str, FieldInfo]], prefix: str) -> list[str]:
     return lines
 
 
-def sections(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, type[BaseModel]]]:
-    """(dotted name, description, model) of every section under a model, depth first, in field order."""
+def _item_key(annotation: Any, key: str) -> str:
+    """How a section's keys are written: `train.lr`, `search_space.<key>.low`, `objectives[].metric`."""
+    origin = typing.get_origin(annotation)
+    return f"{key}.<key>" if origin is dict else f"{key}[]" if origin is list else key
+
+
+def sections(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, type[BaseModel]]]:
+    """(dotted name, key prefix of its fields, description, model) of every section under a model,
+    depth first, in field order."""
     found = []
     for name, field in model.model_fields.items():
         sub = _sub_model(field.annotation)
         if sub is not None:
             key = f"{prefix}{name}"
-            found.append((key, field.description or (sub.__doc__ or "").strip(), sub))
-            found.extend(sections(sub, f"{key}."))
+            item = _item_key(field.annotation, key)
+            found.append((key, f"{item}.", field.description or (sub.__doc__ or "").strip(), sub))
+            found.extend(sections(sub, f"{item}."))
     return found
 
 
@@ -145,11 +154,11 @@ def render_model(title: str, model: type[BaseModel]) -> list[str]:
     """A model's part of the page: its top-level keys, then one table per section."""
     top = [(n, f) for n, f in model.model_fields.items() if _sub_model(f.annotation) is None]
     out = [f"## {title}", "", "### Top-level keys", "", *table(top, "")]
-    for key, description, sub in sections(model):
+    for key, fields_prefix, description, sub in sections(model):
         out += ["", f"### {key}", ""]
         if description:
             out += [_prose(description), ""]
-        out += table(list(sub.model_fields.items()), f"{key}.")
+        out += table(list(sub.model_fields.items()), fields_prefix)
     return out
 
 
@@ -175,8 +184,8 @@ def undocumented(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def documented_models() -> list[tuple[str, type[BaseModel]]]:
-    """What docs/config.md covers. A sweep file's model joins here as ("Sweep file", SweepConfig)."""
-    return [("Experiment config", ExperimentConfig)]
+    """What docs/config.md covers: an experiment YAML, and a sweep YAML (docs/sweeps.md)."""
+    return [("Experiment config", ExperimentConfig), ("Sweep file", SweepConfig)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,15 @@ on test. Layout of `runs/<sweep>/`:
     trials/<id>/    one run directory per trial (config.yaml reproduces it), console.log
     test/<id>/      the chosen configs evaluated once on the test split
     report.md, report.html, *.png, best_config.yaml, optuna.db
+
+This module is the runner (Ray Tune, trials, callbacks). The sweep file's config and `load_sweep`
+are in `sweep_config.py`; the report, and the choice of trials from the results, in `sweep_report.py`.
+The published files (report, best_config.yaml, sweep.json, trials.json) name no absolute path that
+the sweep made: files of the sweep relative to its directory, the rest as the sweep file wrote them.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import itertools
 import json
 import math
 import os
@@ -25,260 +28,19 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 import optuna
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
-
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import (_OUTPUT_ONLY, FINGERPRINT_VERSION, ExperimentConfig, UserError, _format_error, _set_dotted,
-                     _Strict, parse_overrides, validate_config)
+from .config import ExperimentConfig, UserError, validate_config
+from .console import fmt_eta, get_logger
+from .rundir import write_atomic, write_json
+from .sweep_config import EVAL_METRICS, Param, Sweep, SweepConfig, grid_values
+from .sweep_report import choose, write_sweep_report
 
-# Metrics eval.py writes for a method that an objective may name (latency_s: batch-1 latency,
-# measured only when eval.latency_questions > 0).
-EVAL_METRICS = ("accuracy", "tokens_generated", "complete", "correct_format", "contains_answer", "latency_s",
-                "skipped_per_answer")
-# The held-out loss at the end of training (train_metrics.json final_val_loss), on the same split.
-OBJECTIVE_METRICS = EVAL_METRICS + ("val_loss",)
-# Sections a trial must not change: they say where and how the sweep itself runs.
-NOT_SEARCHABLE = ("name", "storage_path", "methods", "ray", "debug")
-
-
-# ---------------------------------------------------------------------------------------------
-# The sweep file
-# ---------------------------------------------------------------------------------------------
-
-class Param(_Strict):
-    """One searched key: `categorical` (choices), `int` or `float` (low..high, inclusive)."""
-    type: Literal["categorical", "int", "float"]
-    choices: Optional[list[Any]] = Field(None, description="categorical: the values to try.")
-    low: Optional[Union[int, float]] = None
-    high: Optional[Union[int, float]] = None
-    log: bool = Field(False, description="int/float: sample on a log scale (low must be > 0).")
-    step: Optional[Union[int, float]] = Field(None, description="int/float: grid step (not with log).")
-    when: dict[str, Any] = Field(default_factory=dict, description="Search this key only when each named "
-                                 "(earlier, categorical) key took the given value, e.g. {chunk.heuristic: sbc}.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "Param":
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("categorical needs a non-empty 'choices' list")
-            if self.low is not None or self.high is not None:
-                raise ValueError("categorical takes 'choices', not low/high")
-            return self
-        if self.choices is not None:
-            raise ValueError(f"{self.type} takes low/high, not 'choices'")
-        if self.low is None or self.high is None:
-            raise ValueError(f"{self.type} needs 'low' and 'high'")
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) > high ({self.high})")
-        if self.type == "int" and not all(isinstance(v, int) for v in (self.low, self.high, self.step or 1)):
-            raise ValueError("int needs integer low, high and step")
-        if self.log and (self.low <= 0 or self.step is not None):
-            raise ValueError("log needs low > 0 and no step")
-        return self
-
-
-class Objective(_Strict):
-    metric: Literal[OBJECTIVE_METRICS] = Field(
-        ..., description="Validation metric of the swept method: an evaluation metric, or 'val_loss' (the "
-                         "held-out loss at the end of training: less noisy than accuracy on a small split).")
-    mode: Literal["max", "min"]
-
-
-class SweepDebug(_Strict):
-    """Fault injection for the resume test; never part of the sweep's fingerprint."""
-    stop_after_trials: Optional[int] = Field(
-        None, ge=1, description="Send this process SIGINT (as Ctrl-C does) after this many trials finished in it.")
-
-
-class SweepConfig(_Strict):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    base: str = Field(..., description="Experiment YAML the trials start from, relative to the sweep file.")
-    storage_path: Optional[str] = Field(None, description="Where runs/<name>/ goes; default: the base config's.")
-    method: Literal["std_cot", "cwt", "stt"] = Field(
-        "cwt", description="The method each trial trains and is scored on ('stt' trains cwt first, as it continues from it).")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Nested config values applied to the base "
-                                      "for every trial (and for best_config.yaml).")
-    search_space: dict[str, Param] = Field(..., min_length=1, description="Dotted config key -> distribution.")
-    objectives: list[Objective] = Field(
-        default_factory=lambda: [Objective(metric="accuracy", mode="max")], min_length=1, max_length=2,
-        description="One objective, or two (e.g. accuracy max + tokens_generated min: Pareto front).")
-    num_samples: int = Field(8, ge=1, description="Trials in the sweep (with sampler 'grid': at most the grid's size).")
-    sampler: Literal["tpe", "grid"] = Field(
-        "tpe", description="'tpe': Optuna's TPE (random for the first n_startup_trials). 'grid': every combination "
-                           "of the search space once, in an order shuffled by seed (categorical choices, int and "
-                           "float ranges with a step; no 'when'): the tool for a small comparison such as three "
-                           "chunking heuristics.")
-    max_concurrent_trials: Optional[int] = Field(
-        None, ge=1, description="None: as many as fit the cluster, at most n_startup_trials, so TPE sees results "
-                                "before it suggests (more parallel trials = closer to random search).")
-    n_startup_trials: int = Field(4, ge=0, description="Random trials before TPE models the results (Optuna's "
-                                                        "default of 10 is more than a small sweep runs).")
-    scheduler: Literal["none", "asha"] = Field(
-        "none", description="'asha': stop trials whose training loss is poor at epoch ends (single objective only).")
-    asha_grace_period: int = Field(1, ge=1, description="ASHA: reports (epoch ends) before a trial may be stopped.")
-    trial_cpus: float = Field(0.1, gt=0, description="CPU reserved by each trial's driver, which only waits on its "
-                                                     "TorchTrainer and Ray Data actors (those reserve their own).")
-    seed: int = Field(0, description="Seed of Optuna's sampler.")
-    optuna_db: bool = Field(True, description="Also write the finished trials to runs/<name>/optuna.db "
-                                              "(SQLite) for optuna-dashboard.")
-    debug: SweepDebug = Field(default_factory=SweepDebug)
-
-    @field_validator("search_space")
-    @classmethod
-    def _when_refers_to_earlier_choices(cls, space: dict[str, Param]) -> dict[str, Param]:
-        seen: dict[str, Param] = {}
-        for key, param in space.items():
-            for other, value in param.when.items():
-                parent = seen.get(other)
-                if parent is None:
-                    raise ValueError(f"'{key}': when refers to '{other}', which is not a search_space key listed before it")
-                if parent.type != "categorical" or value not in parent.choices:
-                    raise ValueError(f"'{key}': when {other}={value!r} is not one of that key's choices")
-            seen[key] = param
-        return space
-
-    @model_validator(mode="after")
-    def _scheduler_fits_objectives(self) -> "SweepConfig":
-        if self.scheduler == "asha" and len(self.objectives) > 1:
-            raise ValueError("scheduler 'asha' needs a single objective")
-        if len({o.metric for o in self.objectives}) != len(self.objectives):
-            raise ValueError("objectives must name different metrics")
-        if self.sampler == "grid":
-            size = len(grid_points(self.search_space))   # raises for keys a grid cannot enumerate
-            if self.num_samples > size:
-                raise ValueError(f"num_samples {self.num_samples} is more than the grid's {size} points; "
-                                 f"set num_samples: {size}")
-        return self
-
-
-def grid_values(key: str, param: Param) -> list:
-    """The values a grid tries for one key: every choice, or low..high (inclusive) in steps."""
-    if param.when:
-        raise ValueError(f"sampler 'grid': '{key}' has 'when'; a grid has no conditional keys")
-    if param.type == "categorical":
-        return list(param.choices)
-    if param.log:
-        raise ValueError(f"sampler 'grid': '{key}' is log-scaled; give a step or categorical choices")
-    if param.type == "int":
-        return list(range(param.low, param.high + 1, param.step or 1))
-    if not param.step:
-        raise ValueError(f"sampler 'grid': float '{key}' needs a step")
-    n = int(math.floor((param.high - param.low) / param.step + 1e-9)) + 1
-    # Rounded so that 0.1 + 2 * 0.1 is written (and hashed into run fingerprints) as 0.3.
-    return [round(param.low + i * param.step, 12) for i in range(n)]
-
-
-def grid_points(space: dict[str, Param]) -> list[dict]:
-    """Every combination of a grid search space (the sweep runs them in an order shuffled by its seed)."""
-    values = {key: grid_values(key, space[key]) for key in sorted(space)}
-    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
-
-
-class Sweep:
-    """A validated sweep: its file, its config, and the experiment tree every trial starts from."""
-
-    def __init__(self, path: Path, config: SweepConfig, base_tree: dict, base: ExperimentConfig):
-        self.path, self.config, self.base_tree, self.base = path, config, base_tree, base
-        self.storage = Path(config.storage_path or base.storage_path).expanduser().resolve()
-        self.dir = self.storage / config.name
-
-    def experiment_tree(self, params: dict) -> dict:
-        """Base + overrides + this trial's values: the config `cwt-ray run` gets (best_config.yaml)."""
-        tree = json.loads(json.dumps(self.base_tree))
-        for key, value in params.items():
-            _set_dotted(tree, key, value)
-        tree["name"] = f"{self.config.name}-best"
-        tree["storage_path"] = str(self.storage)
-        tree.setdefault("eval", {})["split"] = "test"
-        return tree
-
-    def trial_config(self, params: dict, trial_id: str, split: str = "validation",
-                     folder: str = "trials") -> ExperimentConfig:
-        tree = self.experiment_tree(params)
-        methods = ["cwt", "stt"] if self.config.method == "stt" else [self.config.method]
-        tree.update(name=trial_id, storage_path=str(self.dir / folder), methods=methods)
-        tree.setdefault("eval", {})["split"] = split
-        return validate_config(tree, source=f"trial {trial_id}")
-
-    def fingerprint(self) -> str:
-        """Every effective value of the sweep and of its base experiment, defaults included: a
-        default changed in code must not resume a sweep (or reuse its cache) made under the old one."""
-        config = self.config.model_dump(mode="json", exclude={"debug"})
-        base = self.base.model_dump(mode="json", exclude={"debug"})
-        for section, key in _OUTPUT_ONLY:   # what a run writes about itself, not what it computes
-            base.get(section, {}).pop(key, None)
-        blob = json.dumps({"version": FINGERPRINT_VERSION, "sweep": config, "base": base}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _deep_merge(tree: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            _deep_merge(tree[key], value)
-        else:
-            tree[key] = value
-    return tree
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"{path} is not valid YAML") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"{path}: top level must be a mapping")
-    return tree
-
-
-def sample_values(param: Param) -> list:
-    """Values that stand for a distribution when the search space is checked: every choice, both ends."""
-    if param.type == "categorical":
-        return list(param.choices)
-    return [param.low, param.high]
-
-
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
-    """Read and check a sweep file; every mistake is one UserError line, before Ray starts."""
-    path = Path(path)
-    tree = _read_yaml(path)
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    try:
-        config = SweepConfig.model_validate(tree)
-    except ValidationError as e:
-        raise UserError(_format_error(e, str(path))) from None
-    base_path = (path.parent / config.base).resolve()
-    if not base_path.is_file():
-        raise UserError(f"{path}: base config not found: {base_path}")
-    base_tree = _deep_merge(_read_yaml(base_path), json.loads(json.dumps(config.overrides)))
-    base = validate_config(base_tree, source=f"{path} (base {config.base} + overrides)")
-    if base.data.source == "gsm_symbolic" and base.data.validation_size < 1:
-        raise UserError(f"{path}: trials are scored on the validation split; set data.validation_size >= 1")
-    if base.data.source == "files" and not (base.data.validation_path or
-                                             (base.data.paths and base.data.split_fractions.get("validation"))):
-        raise UserError(f"{path}: trials are scored on the validation split; set data.validation_path "
-                        f"(or a validation share in data.split_fractions with data.paths)")
-    # Every key must be a real config key, and every value the distribution can produce a valid one:
-    # build the config with each choice / each end of each range (the other keys at base values).
-    for key, param in config.search_space.items():
-        if key.split(".")[0] in NOT_SEARCHABLE:
-            raise UserError(f"{path}: search_space '{key}': {key.split('.')[0]} is not searchable")
-        for value in sample_values(param):
-            trial_tree = json.loads(json.dumps(base_tree))
-            try:
-                _set_dotted(trial_tree, key, value)
-                validate_config(trial_tree, source="")
-            except UserError as e:
-                raise UserError(f"{path}: search_space '{key}' = {value!r}: {str(e).lstrip(': ')}") from None
-    return Sweep(path, config, base_tree, base)
+log = get_logger("sweep")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +186,8 @@ def run_trial(params: dict, sweep: Sweep) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .pipeline import quiet_ray_data, run_stages
+    from .cluster import quiet_ray_data
+    from .pipeline import run_stages
 
     quiet_ray_data()
     trial_id = tune.get_context().get_trial_id()
@@ -458,7 +221,7 @@ def run_trial(params: dict, sweep: Sweep) -> None:
         # Everything that is not a training step or a generate() call: worker and actor start-up,
         # model loads, data and chunk preparation, Ray scheduling.
         "fixed_s": wall - step_s - generate_s, "reused": ",".join(reused) or "-",
-        "run_dir": str(run_dir)})
+        "run_dir": str(run_dir.relative_to(sweep.dir))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,12 +253,15 @@ class TrialLines(Callback):
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
         self.finished_here = 0
+        self.t0 = time.perf_counter()
 
     def _line(self, trials, trial, text: str) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
-        print(f"[sweep] trial {done}/{self.sweep.config.num_samples} {trial.trial_id} {text} | "
-              f"{_fmt_params(trial.config)}", flush=True)
         self.finished_here += 1
+        # Trials finish at the rate seen so far in this process (a resumed sweep's earlier ones excluded).
+        eta = (time.perf_counter() - self.t0) / self.finished_here * (self.sweep.config.num_samples - done)
+        log.info(f"[sweep] trial {done}/{self.sweep.config.num_samples} {trial.trial_id} {text} | "
+                 f"{_fmt_params(trial.config)} | ETA {fmt_eta(eta)}")
         if _stop_after_trials and self.finished_here == _stop_after_trials:
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -525,7 +291,7 @@ def sweep_ray_session(sweep: Sweep, extra_cpus: float):
     reservations are added as logical CPUs, so a trial's trainer still gets whole cores."""
     import ray
 
-    from .pipeline import OFFLINE_ENV, quiet_ray_data
+    from .cluster import OFFLINE_ENV, quiet_ray_data
 
     env = {**OFFLINE_ENV, "RAY_CHDIR_TO_TRIAL_DIR": "0"}
     for key, value in env.items():
@@ -572,8 +338,8 @@ def _check_fingerprint(sweep: Sweep) -> None:
                             f"re-run with --overwrite to start over, or give the sweep another name")
         return
     sweep.dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": fp, "sweep_file": str(sweep.path),
-                                 "config": sweep.config.model_dump(mode="json")}, indent=2))
+    write_json(stamp, {"fingerprint": fp, "sweep_file": os.path.relpath(sweep.path),
+                       "config": sweep.config.model_dump(mode="json")})
 
 
 class TuneGridSampler(optuna.samplers.GridSampler):
@@ -646,34 +412,12 @@ def collect_trials(result_grid, objectives: list[str]) -> list[dict]:
         status = "error" if r.error else _status(m, objectives)
         # experiment_tag starts with the trial's number in the sweep ("3_chunk.num_chunks=4,...").
         number = int(str(m.get("experiment_tag", "0")).split("_")[0] or 0)
+        if "run_dir" in m:   # relative to the sweep directory (results of older versions held absolute ones)
+            m["run_dir"] = f"trials/{trial_id}"
         rows.append({"number": number, "trial_id": trial_id, "params": dict(r.config or {}), "metrics": m,
                      "status": status, "time_s": m.get("time_total_s"),
                      "error": str(r.error).strip().splitlines()[-1] if r.error else ""})
     return sorted(rows, key=lambda row: row["number"])
-
-
-def pareto_front(rows: list[dict], objectives: list[tuple[str, str]]) -> list[dict]:
-    """Trials no other trial beats on every objective (and strictly on one); of trials with equal
-    scores only the earliest is kept, so each point of the front is evaluated on test once."""
-    done = sorted((r for r in rows if r["status"] == "done"), key=lambda r: r["number"])
-
-    def key(r):
-        return [r["metrics"][m] * (1 if mode == "max" else -1) for m, mode in objectives]
-
-    front, seen = [], set()
-    for r in done:
-        dominated = any(all(a >= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in done)
-        if not dominated and tuple(key(r)) not in seen:
-            front.append(r)
-            seen.add(tuple(key(r)))
-    return sorted(front, key=lambda r: [-v for v in key(r)])
-
-
-def choose(rows: list[dict], config: SweepConfig) -> list[dict]:
-    """Single objective: the best trial. Two: the Pareto front, highest first objective first."""
-    objectives = [(o.metric, o.mode) for o in config.objectives]
-    front = pareto_front(rows, objectives)
-    return front[:1] if len(objectives) == 1 else front
 
 
 def evaluate_on_test(sweep: Sweep, chosen: list[dict]) -> dict[str, dict]:
@@ -692,16 +436,43 @@ def evaluate_on_test(sweep: Sweep, chosen: list[dict]) -> dict[str, dict]:
                 link = cfg.run_dir / folder
                 if not link.exists():
                     link.symlink_to(trial_dir / folder, target_is_directory=True)
-            (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
             evaluate_method(cfg, method, cfg.run_dir)
         out[row["trial_id"]] = json.loads(metrics_file.read_text())
     return out
 
 
+def _write_best_config(sweep: Sweep, best_row: dict) -> None:
+    """The chosen trial's full experiment config, eval split back to test. Its storage_path is the
+    sweep's as configured (`./runs` by default), never resolved to this machine's absolute path."""
+    best = validate_config(sweep.experiment_tree(best_row["params"]), source="best config")
+    write_atomic(
+        sweep.dir / "best_config.yaml",
+        f"# Best trial {best_row['trial_id']} of sweep {sweep.config.name} ({os.path.relpath(sweep.path)}); "
+        f"evaluated on the test split.\n#   cwt-ray run {sweep.folder}/best_config.yaml\n" + best.to_yaml())
+
+
+def _search(sweep: Sweep, embedded: bool) -> Optional[list[dict]]:
+    """Run (or resume) the trials on the open Ray session; their rows, or None when interrupted."""
+    c = sweep.config
+    cluster = _cluster_size(sweep, embedded)
+    demand = trial_demand(sweep.trial_config({}, "preflight"), cluster["GPU"])
+    concurrency, why = plan_concurrency(c, demand, cluster)
+    tuner, resumed = _build_tuner(sweep, concurrency)
+    log.info(f"[sweep] {c.name}: {c.num_samples} trials of {c.method} on the validation split, objectives "
+             f"{', '.join(f'{o.metric} ({o.mode})' for o in c.objectives)}, {concurrency} at a time ({why})"
+             f"{'; resuming' if resumed else ''}. Trial logs: {sweep.dir / 'trials'}/<id>/console.log")
+    grid = tuner.fit()
+    finished = _finished_trials(sweep.dir / "tune")
+    if finished < c.num_samples:   # Ctrl-C: Tune saved its state and returned early
+        log.info(f"[sweep] interrupted after {finished}/{c.num_samples} trials; re-run the same command to continue")
+        return None
+    return collect_trials(grid, [o.metric for o in c.objectives])
+
+
 def run_sweep(sweep: Sweep, overwrite: bool = False) -> Optional[Path]:
     """Run (or continue) the sweep; returns report.md, or None when it was interrupted."""
     from .pipeline import preflight
-    from .sweep_report import write_sweep_report
 
     global _stop_after_trials
     c = sweep.config
@@ -713,30 +484,14 @@ def run_sweep(sweep: Sweep, overwrite: bool = False) -> Optional[Path]:
     max_trials_at_once = c.max_concurrent_trials or max(1, c.n_startup_trials)
     t0 = time.perf_counter()
     with sweep_ray_session(sweep, extra_cpus=c.trial_cpus * max_trials_at_once) as embedded:
-        cluster = _cluster_size(sweep, embedded)
-        demand = trial_demand(sweep.trial_config({}, "preflight"), cluster["GPU"])
-        concurrency, why = plan_concurrency(c, demand, cluster)
-        tuner, resumed = _build_tuner(sweep, concurrency)
-        objectives = [o.metric for o in c.objectives]
-        print(f"[sweep] {c.name}: {c.num_samples} trials of {c.method} on the validation split, objectives "
-              f"{', '.join(f'{o.metric} ({o.mode})' for o in c.objectives)}, {concurrency} at a time ({why})"
-              f"{'; resuming' if resumed else ''}. Trial logs: {sweep.dir / 'trials'}/<id>/console.log", flush=True)
-        grid = tuner.fit()
-        finished = _finished_trials(sweep.dir / "tune")
-        if finished < c.num_samples:   # Ctrl-C: Tune saved its state and returned early
-            print(f"[sweep] interrupted after {finished}/{c.num_samples} trials; re-run the same command to continue",
-                  flush=True)
+        rows = _search(sweep, embedded)
+        if rows is None:
             return None
-        rows = collect_trials(grid, objectives)
         chosen = choose(rows, c)
         test = evaluate_on_test(sweep, chosen) if chosen else {}
     wall = time.perf_counter() - t0
     if chosen:
-        best_tree = sweep.experiment_tree(chosen[0]["params"])
-        best = validate_config(best_tree, source="best config")
-        (sweep.dir / "best_config.yaml").write_text(
-            f"# Best trial {chosen[0]['trial_id']} of sweep {c.name} ({sweep.path}); evaluated on the test split.\n"
-            f"#   cwt-ray run {sweep.dir / 'best_config.yaml'}\n" + best.to_yaml())
+        _write_best_config(sweep, chosen[0])
     path = write_sweep_report(sweep, rows, chosen, test, wall)
-    print(f"[sweep] report: {path} (and report.html); best config: {sweep.dir / 'best_config.yaml'}", flush=True)
+    log.info(f"[sweep] report: {path} (and report.html); best config: {sweep.dir / 'best_config.yaml'}")
     return path

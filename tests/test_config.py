@@ -142,7 +142,7 @@ def test_a_default_changed_in_code_redoes_the_stages_that_depend_on_it(tmp_path,
     an old default must not be reused after the default changes in code."""
     from cwt_ray.config import ExperimentConfig, TrainConfig
     from cwt_ray.pipeline import RunState
-    from cwt_ray.sweep import load_sweep
+    from cwt_ray.sweep_config import load_sweep
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"storage_path={tmp_path}"])
     assert "weight_decay" not in (ROOT / "configs" / "smoke.yaml").read_text()   # left at its default

@@ -2,13 +2,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from cwt_ray.config import UserError, load_config
-from cwt_ray.sweep import (SearchSpace, SweepConfig, choose, grid_points, load_sweep, make_sampler, pareto_front,
-                           plan_concurrency, trial_demand)
+from cwt_ray.sweep import SearchSpace, make_sampler, plan_concurrency, trial_demand
+from cwt_ray.sweep_config import SweepConfig, grid_points, load_sweep
+from cwt_ray.sweep_report import choose, pareto_front
 
 from conftest import ROOT, seed_stages
 
@@ -123,6 +125,17 @@ def test_trial_config_scores_on_validation_and_best_config_on_test():
     assert str(trial.run_dir) == "/tmp/x/sweep_smoke/trials/t1"
     best = sweep.experiment_tree({"chunk.num_chunks": 2})
     assert best["eval"]["split"] == "test" and best["name"] == "sweep_smoke-best"
+    assert best["storage_path"] == "/tmp/x"   # as configured
+    # best_config.yaml carries the storage path as the sweep file or its base wrote it, not resolved.
+    assert load_sweep(SMOKE_SWEEP).experiment_tree({})["storage_path"] == "./runs"
+
+
+def test_every_sweep_config_field_has_a_description():
+    from cwt_ray.sweep_config import Objective, Param, SweepDebug
+
+    for model in (SweepConfig, Param, Objective, SweepDebug):
+        missing = [name for name, field in model.model_fields.items() if not field.description]
+        assert not missing, f"{model.__name__}: {missing}"
 
 
 def test_skip_thinking_knobs_are_searched_like_any_key(tmp_path):
@@ -193,6 +206,8 @@ def test_sweep_interrupted_then_resumed_reports_and_best_config_runs(ray_cluster
     for trial_id in first_ids:   # trained once: the resumed run did not redo it
         assert (sweep_dir / "trials" / trial_id / "console.log").read_text().count("[train cwt] done") == 1
     assert all("data" in r["metrics"]["reused"] for r in rows[1:])   # shared splits, not regenerated
+    assert all(r["metrics"]["run_dir"] == f"trials/{r['trial_id']}" for r in rows)   # relative to the sweep dir
+    assert not Path(json.loads((sweep_dir / "sweep.json").read_text())["sweep_file"]).is_absolute()
     # ray#30861: the restored searcher is our OptunaSearch, and its study holds all 3 trials.
     state_file = max((sweep_dir / "tune").glob("searcher-state-*.pkl"))   # named by session start time
     study = pickle.loads(state_file.read_bytes())["_ot_study"]
@@ -246,11 +261,13 @@ def test_grid_sweep_over_an_eval_knob_trains_once(ray_cluster, tmp_path, capsys)
         (first / "students" / "cwt" / "model.safetensors").read_bytes()
 
 
-def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(tmp_path):
-    """The report on its own (no Ray): 6 finished trials where train.lr decides accuracy, one failed."""
+def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(tmp_path, monkeypatch):
+    """The report on its own (no Ray): 6 finished trials where train.lr decides accuracy, one failed.
+    Its files name no absolute path (the sweep is stored under a relative storage_path here)."""
     from cwt_ray.sweep_report import _param, param_importances, write_sweep_report
 
-    sweep = load_sweep(SMOKE_SWEEP, [f"storage_path={tmp_path}"])
+    monkeypatch.chdir(tmp_path)
+    sweep = load_sweep(SMOKE_SWEEP, ["storage_path=runs"])
     sweep.dir.mkdir(parents=True)
     rows = []
     for n, (k, lr) in enumerate([(2, 1e-4), (3, 3e-4), (2, 1e-3), (3, 2e-3), (3, 3e-3), (2, 5e-4)], start=1):
@@ -274,6 +291,9 @@ def test_report_from_synthetic_trials_has_importances_plots_and_embedded_images(
     assert [_param(v) for v in (None, 0.5, 3, "nll")] == ["null", "0.5", "3", "nll"]   # null was chosen, not missing
     page = (sweep.dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>error: ValueError: boom</td>" in page
+    assert "`cwt-ray run runs/sweep_smoke/best_config.yaml`" in text and "`trials/<trial>/`" in text
+    for name in ("report.md", "report.html", "trials.json"):
+        assert str(tmp_path) not in (sweep.dir / name).read_text(), name
     assert param_importances(sweep, rows[:1])[1] == "needs at least 2 finished trials, this sweep has 1"
 
 
@@ -288,8 +308,6 @@ def test_changed_sweep_file_is_not_resumed_into_an_old_sweep(tmp_path):
 
 
 def test_held_out_loss_is_an_objective():
-    from cwt_ray.sweep import SweepConfig
-
     cfg = SweepConfig.model_validate({"name": "s", "base": "smoke.yaml", "objectives": [{"metric": "val_loss", "mode": "min"}],
                                       "search_space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}})
     assert cfg.objectives[0].metric == "val_loss"
