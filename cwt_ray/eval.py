@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .cluster import map_on_actor_pool
+from .cluster import gather, map_on_actor_pool
 from .config import ExperimentConfig
 from .console import get_logger
 from .rundir import EVAL_RECORD_SCHEMA, atomic_dir, eval_dir, split_file, student_dir, write_json
@@ -51,7 +51,6 @@ class Generator:
             processor = decision_processor(self.tok, self.builder, self.cfg.stt.skip_confidence,
                                            self.cfg.stt.skippable, len(questions))
         new_ids, wall = generate(self.model, self.tok, prefixes, self.cfg.eval.max_new_tokens, processor)
-        log.info(f"[eval {self.method}] {len(questions)} questions in {wall:.1f}s")
         marker = self.builder.chunk_marker if self.method != "std_cot" else ""
         rows = []
         for row, (rid, q, gold, ids) in enumerate(zip(batch.column("id").to_pylist(), questions,
@@ -118,8 +117,9 @@ def _generate_records(questions: pa.Table, cfg: ExperimentConfig, method: str, s
          "num_threads": int(ecfg.cpus_per_actor)},
         rows=questions.num_rows, batch_size=batch_size, concurrency=concurrency, cpus_per_actor=ecfg.cpus_per_actor,
         gpus_per_actor=ecfg.gpus_per_actor)
-    # One small row per question: collected on the driver, written once.
-    batches = list(records.iter_batches(batch_format="pyarrow", batch_size=None))
+    # One small row per question: collected on the driver as batches finish, written once.
+    label = f"[eval {method}{' batch-1 latency' if batch_size == 1 else ''}]"
+    batches = gather(records, label, questions.num_rows, "questions")
     return (pa.concat_tables(batches).cast(EVAL_RECORD_SCHEMA).sort_by("id") if batches
             else EVAL_RECORD_SCHEMA.empty_table())
 

@@ -217,6 +217,8 @@ def plan(cfg: ExperimentConfig, stages: tuple[str, ...], eval_methods: list[str]
             steps.append(("skip", None))
         if "train" in stages:
             steps.append(("train", method))
+    if stages == ("skip",) and "stt" not in cfg.methods:   # `cwt-ray skip` alone: skip data of the CWT student
+        steps.append(("skip", None))
     if "eval" in stages:
         steps += [("eval", m) for m in (eval_methods or cfg.methods)]
     if "report" in stages:

@@ -19,19 +19,16 @@ scores; `SkipScorer` is the Ray Data actor that scores with a real student.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 
-from .cluster import map_on_actor_pool
+from .cluster import gather, map_on_actor_pool
 from .config import SkipConfig
-from .console import get_logger
 from .rundir import SKIP_SCHEMA, SKIP_STATUSES, atomic_dir, chunks_dir, read_chunks, split_file, write_json
 
-log = get_logger("skip")
 
 @dataclass(frozen=True)
 class Score:
@@ -157,7 +154,6 @@ class SkipScorer:
         return select_skips(len(chunks), lambda sets: self._score(record, chunks, sets), self.cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
         rows = []
         for record in batch.to_pylist():
             try:
@@ -170,8 +166,6 @@ class SkipScorer:
                          "skipped": sorted({i for s in found.get("skip_sets", []) for i in s}),
                          "trials": json.dumps(found.get("trials", [])),
                          "candidates_scored": found.get("candidates_scored", 0), "note": found.get("note", "")})
-        n_skip = sum(r["status"] == "skipped" for r in rows)
-        log.info(f"[skip] {len(rows)} rationales in {time.perf_counter() - t0:.1f}s, {n_skip} with a skip")
         return pa.Table.from_pylist(rows, schema=SKIP_SCHEMA)
 
 
@@ -212,7 +206,7 @@ def skip_split(run_dir: Path, out_dir: Path, cfg, student_path: Path) -> dict:
         {"cfg": cfg.model_dump(mode="json"), "student_path": str(student_path), "num_threads": int(scfg.cpus_per_actor)},
         rows=rows_in, batch_size=scfg.batch_size, concurrency=scfg.concurrency, cpus_per_actor=scfg.cpus_per_actor,
         gpus_per_actor=scfg.gpus_per_actor)
-    batches = list(scored.iter_batches(batch_format="pyarrow", batch_size=None))
+    batches = gather(scored, "[skip]", rows_in, "rationales scored")
     out = pa.concat_tables(batches).cast(SKIP_SCHEMA).sort_by("id") if batches else SKIP_SCHEMA.empty_table()
     summary = summarise(out, rows_in, scfg)
     with atomic_dir(out_dir) as tmp:

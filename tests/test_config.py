@@ -171,3 +171,20 @@ def test_a_default_changed_in_code_redoes_the_stages_that_depend_on_it(tmp_path,
         TrainConfig.model_rebuild(force=True)
         ExperimentConfig.model_rebuild(force=True)
     assert load_config(ROOT / "configs" / "smoke.yaml").train.weight_decay == 0.0
+
+
+def test_the_pipeline_plans_stages_in_the_order_their_inputs_need():
+    """Stages are equals in one list; the plan puts each (stage, method) after what it reads:
+    skip data after the CWT student and before STT, which trains from both."""
+    from cwt_ray.pipeline import STAGES, plan
+
+    cfg = load_config(QUICKSTART)
+    assert plan(cfg, STAGES) == [("data", None), ("chunk", None), ("train", "std_cot"), ("train", "cwt"),
+                                 ("skip", None), ("train", "stt"), ("eval", "std_cot"), ("eval", "cwt"),
+                                 ("eval", "stt"), ("report", None)]
+    assert plan(cfg, ("train",)) == [("train", "std_cot"), ("train", "cwt"), ("skip", None), ("train", "stt")]
+    assert plan(cfg, ("skip",)) == [("skip", None)]
+    no_stt = load_config(QUICKSTART, ["methods=[std_cot,cwt]"])
+    assert ("skip", None) not in plan(no_stt, STAGES)          # nothing would read it
+    assert plan(no_stt, ("skip",)) == [("skip", None)]          # unless asked for by name
+    assert plan(no_stt, ("eval",), eval_methods=["cwt"]) == [("eval", "cwt")]
