@@ -66,7 +66,7 @@ def main() -> int:
               f"data.validation_size={args.validation_size}", "data.test_size=1", f"train.max_steps={args.steps}",
               "train.epochs=1", "train.batch_size=8", "train.micro_batch_size=8", "train.eval_every=10"]
     rows = []
-    first = load_config("configs/quickstart.yaml", ["name=defaults-effect-old-s0", *common])
+    first = load_config("configs/experiments/quickstart_64.yaml", ["name=defaults-effect-old-s0", *common])
     plan = [(seed, arm) for seed in args.seeds for arm in ARMS]
     if not args.report_only:
         with ray_session(first):
@@ -74,7 +74,7 @@ def main() -> int:
                 if args.runs and f"{arm}-s{seed}" not in args.runs:
                     continue
                 name = f"defaults-effect-{arm}-s{seed}"
-                cfg = load_config("configs/quickstart.yaml", [f"name={name}", *common, f"train.seed={seed}", *ARMS[arm]])
+                cfg = load_config("configs/experiments/quickstart_64.yaml", [f"name={name}", *common, f"train.seed={seed}", *ARMS[arm]])
                 print(f"[defaults-effect] {name}", flush=True)
                 run_stages(cfg, stages=("data", "train"))
                 keep(cfg, arm, seed, out)
@@ -85,7 +85,7 @@ def main() -> int:
     # One template per record; std_cot has one sample per record, in the records' order minus drops.
     by_index = templates_by_id(first)
     for r in rows:   # every run has the same data; the run directory's own copy is read
-        cfg = load_config("configs/quickstart.yaml", [f"name={r['run']}", *common])
+        cfg = load_config("configs/experiments/quickstart_64.yaml", [f"name={r['run']}", *common])
         if not (cfg.run_dir / "data" / "train.parquet").is_file():
             cfg = first
         samples, _ = load_samples(cfg, "std_cot", cfg.run_dir, tok)

@@ -5,7 +5,7 @@ Part of explaining the Ray Train vs plain-loop gap on CPU (docs/results.md). The
 stages must already exist for the config (run `benchmarks/train_throughput.py` once, or
 `cwt-ray chunk CONFIG`).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/loop_thread.py [--config configs/quickstart.yaml] \
+    PYTHONPATH=. .venv/bin/python benchmarks/loop_thread.py [--config configs/experiments/quickstart_64.yaml] \
         [--steps 5] [--repeats 2] [override ...]
 
 Alternating runs (main, thread, thread, main, ...); prints a table and a final JSON line.
@@ -44,7 +44,7 @@ def child(args) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--config", default="configs/experiments/quickstart_64.yaml")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """Benchmark: real tokens/s of packed vs length-bucketed vs plain padded training steps, on CPU.
 
-    .venv/bin/python benchmarks/packing_speed.py [--config configs/quickstart.yaml] [--steps 6] [--repeats 3] \
+    .venv/bin/python benchmarks/packing_speed.py [--config configs/experiments/quickstart_64.yaml] [--steps 6] [--repeats 3] \
         [--method std_cot] [override ...]
 
 One process, no Ray: the training step's own parts (batches.epoch_steps / micro_batches / collate,
@@ -68,7 +68,7 @@ def run_layout(cfg, samples, model_path, layout: str, steps: int, seed: int) -> 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--config", default="configs/experiments/quickstart_64.yaml")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--method", default="std_cot", choices=["std_cot", "cwt"])

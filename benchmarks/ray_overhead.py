@@ -14,7 +14,7 @@ utime + stime of every process from /proc twice a second and sums them by role:
   driver        this process
   other         everything else (kernel threads, the VM's agent)
 
-    .venv/bin/python benchmarks/ray_overhead.py [--config configs/quickstart.yaml] [--steps 5] \
+    .venv/bin/python benchmarks/ray_overhead.py [--config configs/experiments/quickstart_64.yaml] [--steps 5] \
         [--idle 20] [--repeats 2] [override ...]
 
 Reports cores used (CPU seconds per wall second) per role and phase, the busiest processes, and a
@@ -140,7 +140,7 @@ def step_table(rows: list[dict], warmup: int = 1) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--config", default="configs/experiments/quickstart_64.yaml")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2, help="plain loop and Ray Train fits, alternating")
     p.add_argument("--method", default="cwt", choices=["std_cot", "cwt"])

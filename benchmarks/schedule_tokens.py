@@ -9,7 +9,7 @@ right-padded row per sample), and counts:
 - the real-token ratio (non-padding tokens / tokens computed), for several micro-batch sizes.
 Counts are deterministic, so the machine's load does not matter.
 
-    .venv/bin/python benchmarks/schedule_tokens.py [--config configs/quickstart.yaml] [--micro 8 4 2]
+    .venv/bin/python benchmarks/schedule_tokens.py [--config configs/experiments/quickstart_64.yaml] [--micro 8 4 2]
 
 Prints a table and a final JSON line.
 """
@@ -43,7 +43,7 @@ def count(samples, batch_size: int, micro: int, workers: int, schedule: str, buc
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--config", default="configs/experiments/quickstart_64.yaml")
     p.add_argument("--micro", type=int, nargs="+", default=[8, 4, 2])
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()

@@ -5,7 +5,7 @@ students are evaluated by the same code, backend, batch size and max_new_tokens,
 other on the same machine; finished stages of an earlier run are reused. Prints a table with
 ratios against Std-CoT and a final JSON line.
 
-    .venv/bin/python benchmarks/stt_speed.py [--config configs/quickstart.yaml] [override ...]
+    .venv/bin/python benchmarks/stt_speed.py [--config configs/experiments/quickstart_64.yaml] [override ...]
 
 Batch-1 latency is measured on the first `eval.latency_questions` questions of the split (one
 question at a time, one actor); batched throughput on the whole split, generation time only.
@@ -25,7 +25,7 @@ KEYS = ("accuracy", "complete", "tokens_generated", "skipped_per_answer", "laten
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--config", default="configs/experiments/quickstart_64.yaml")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, ["methods=[std_cot,cwt,stt]", *args.overrides])

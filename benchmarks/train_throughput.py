@@ -11,7 +11,7 @@ same loss module (so the ratio is what Ray Train costs); "plain_full_head" is th
 Hugging Face's full logits, the loop most people would write. All report steady-state processed
 tokens/s (the first step excluded). The loss curves must agree before any timing is trusted.
 
-    .venv/bin/python benchmarks/train_throughput.py [--config configs/quickstart.yaml] [--steps 8] \
+    .venv/bin/python benchmarks/train_throughput.py [--config configs/experiments/quickstart_64.yaml] [--steps 8] \
         [--repeats 5] [--method cwt] [override ...]
 
 Prints a table and a final JSON line. Target: Ray Train >= 0.95x the plain loop.
@@ -45,7 +45,7 @@ def steady_tps(rows: list[dict], warmup: int = 1, key: str = "processed_tokens")
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--config", default="configs/experiments/quickstart_64.yaml")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--method", default="cwt", choices=["std_cot", "cwt"])

@@ -1,6 +1,6 @@
 """Benchmark: cwt-ray's Ray Train CWT training vs TRL's SFTTrainer, supervised tokens/s (issue 5).
 
-Same student, same machine, same CWT samples (those of configs/quickstart.yaml), same batch
+Same student, same machine, same CWT samples (those of configs/experiments/quickstart_64.yaml), same batch
 (8 samples a step, no accumulation), same precision (bf16 autocast, fp32 weights), same lr and
 schedule, same number of steps. TRL gets the samples as prompt-completion pairs, pre-tokenized
 (`input_ids` + `completion_mask`, prompt = the tokens before the first supervised label,
@@ -219,7 +219,7 @@ def run_ours(cfg, run_dir, student_path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--config", default="configs/experiments/quickstart_64.yaml")
     p.add_argument("--student", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
