@@ -81,7 +81,7 @@ def main() -> None:
                          "the ceiling of the length check when every row needs counting")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # One thread per tokenizer call, as in the data stage's Ray workers (pipeline.OFFLINE_ENV).
+    # One thread per tokenizer call, as in the data stage's Ray workers (cluster.OFFLINE_ENV).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
