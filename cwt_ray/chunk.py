@@ -16,7 +16,7 @@ import pyarrow as pa
 from .chunking import ChunkLossScorer, RecordChunker, chunk_params, resolve_embedding_model
 from .cluster import map_on_actor_pool
 from .console import get_logger
-from .rundir import CHUNK_REJECT_SCHEMA, CHUNK_SCHEMA, atomic_dir, atomic_file, write_json
+from .rundir import CHUNK_REJECT_SCHEMA, CHUNK_SCHEMA, SUMMARY, atomic_dir, atomic_file, write_json
 
 log = get_logger("chunk")
 
@@ -118,7 +118,7 @@ def chunk_split(records_path: Path, out_dir: Path, cfg, tokenizer_path: str, stu
         pq.write_table(pa.table({"id": rejected.column("id"), "reason": rejected.column("note")},
                                 schema=CHUNK_REJECT_SCHEMA), tmp / "rejects.parquet")
         summary = summarise(kept, rows_in, rejected.num_rows, ccfg)
-        write_json(tmp / "summary.json", summary)
+        write_json(tmp / SUMMARY, summary)
         records = {r["id"]: r for r in pq.read_table(str(records_path)).to_pylist()}
         write_view(kept, records, tmp / "view.html", ccfg.view_samples)
     shutil.rmtree(done_dir, ignore_errors=True)

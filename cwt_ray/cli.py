@@ -84,13 +84,11 @@ def _sweep(args) -> int:
 
 def _generate(args) -> int:
     import json
-    import os
     from pathlib import Path
 
-    from .cluster import OFFLINE_ENV
+    from .cluster import set_offline_env
 
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    set_offline_env()
     if not (Path(args.student) / "cwt_student.json").is_file():
         raise UserError(f"{args.student}: not a student folder (no cwt_student.json); try runs/<name>/students/<method>")
     if args.skip_confidence is not None and not 0 <= args.skip_confidence <= 1:

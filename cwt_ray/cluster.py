@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 
 from .config import ExperimentConfig
 from .console import fmt_eta, get_logger
@@ -125,8 +126,6 @@ def map_on_actor_pool(ds, fn_cls, kwargs: dict, *, rows: int, batch_size: int, c
 def gather(ds, label: str, rows: int, unit: str) -> list:
     """The Arrow batches of a (small-rowed) dataset, collected on the driver as they finish, with
     one progress line per batch: `[eval cwt] 16/24 questions, 1.20s each, ETA 0m09s`."""
-    import time
-
     batches, done, t0 = [], 0, time.perf_counter()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         batches.append(batch)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from .config import ExperimentConfig, UserError
 from .data_check import SPLITS, DataStop, Tally, check_reject_limit, summarise
 from .extract import get_extractor
-from .rundir import DATA_REJECT_SCHEMA, RECORD_SCHEMA, atomic_dir, write_json
+from .rundir import DATA_REJECT_SCHEMA, RECORD_SCHEMA, SUMMARY, atomic_dir, write_json
 from .readers import PRESETS, Bad, get_field, derived_id, expand_paths, plan_shards, read_shard
 
 # What a validation task sends to the driver: kept rows have kind "", rejects carry the reason.
@@ -447,7 +447,7 @@ def write_splits(cfg: ExperimentConfig, data_dir: Path) -> dict:
         sink.close("rejects", DATA_REJECT_SCHEMA)
         summary = summarise(cfg, tmp, tally, ids, train_questions,
                             lambda: student_tokenizer(cfg.student.model_dump(mode="json")))
-        write_json(tmp / "summary.json", summary)
+        write_json(tmp / SUMMARY, summary)
     check_reject_limit(cfg, summary, data_dir)
     if not summary["train"]["kept"]:
         raise DataStop(f"no usable training rows from data source '{cfg.data.source}' "

@@ -15,7 +15,7 @@ import pyarrow as pa
 from .cluster import gather, map_on_actor_pool
 from .config import ExperimentConfig
 from .console import get_logger
-from .rundir import EVAL_RECORD_SCHEMA, atomic_dir, eval_dir, split_file, student_dir, write_json
+from .rundir import EVAL_RECORD_SCHEMA, METRICS, atomic_dir, eval_dir, split_file, student_dir, write_json
 
 log = get_logger("eval")
 
@@ -148,7 +148,7 @@ def evaluate_method(cfg: ExperimentConfig, method: str, run_dir: Path) -> dict:
         pq.write_table(table, tmp / "records" / "records.parquet")
         if latency is not None:
             pq.write_table(latency, tmp / "latency.parquet")
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / METRICS, metrics)
     lat = f", batch-1 latency {metrics['latency_s']:.2f}s" if metrics.get("latency_s") is not None else ""
     skip = f", {metrics['skipped_per_answer']:.2f} stages skipped/answer" if method == "stt" else ""
     log.info(f"[eval {method}] {metrics['n']} questions: accuracy {metrics['accuracy']:.3f}, "

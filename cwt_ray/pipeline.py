@@ -18,7 +18,7 @@ from pathlib import Path
 from .cluster import ray_session
 from .config import METHODS, ExperimentConfig, UserError
 from .console import get_logger
-from .rundir import chunks_dir, data_dir, skips_dir, split_file, student_dir, write_json
+from .rundir import SUMMARY, chunks_dir, data_dir, skips_dir, split_file, student_dir, write_json
 
 STAGES = ("data", "chunk", "train", "skip", "eval", "report")
 log = get_logger("pipeline")
@@ -94,7 +94,7 @@ def stage_data(cfg: ExperimentConfig, run_dir: Path, state: RunState) -> None:
     from .data import write_splits
     from .data_check import DataStop, format_check
 
-    where = data_dir(run_dir) / "summary.json"
+    where = data_dir(run_dir) / SUMMARY
     try:
         summary = write_splits(cfg, data_dir(run_dir))
     except DataStop as stop:   # what the data holds, then the one-line reason it stops
@@ -228,10 +228,10 @@ def plan(cfg: ExperimentConfig, stages: tuple[str, ...], eval_methods: list[str]
 
 def run_step(cfg: ExperimentConfig, run_dir: Path, state: RunState, stage: str, method: str | None, force: bool,
              train_callbacks: list | None = None) -> None:
-    """One step: skipped when its output is up to date (the report is always rewritten)."""
+    """One step: skipped when its output is up to date, unless forced."""
     key = f"{stage}/{method}" if method else stage
     label = f"{stage} {method}" if method else stage
-    if state.is_done(key) and not force and stage != "report":
+    if state.is_done(key) and not force:
         log.info(f"[{label}] up to date, skipped")
         return
     if stage == "train":
@@ -296,10 +296,11 @@ def run_stages(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: t
     # driver's working directory (the unpacked --working-dir) was seen gone after ray.init
     # (os.getcwd() failing in the data stage's tokenizer import, tests/test_cluster.py); the cause
     # inside Ray's runtime-env handling is not pinned down. Data read from files needs Ray.
-    before_ray = [s for s in steps if s[0] == "report" or (s[0] == "data" and cfg.data.source != "files")]
-    on_ray = [s for s in steps if s not in before_ray]
+    # The report only reads files: it runs after Ray stops, and is rewritten each time.
+    before_ray = [("data", None)] if ("data", None) in steps and cfg.data.source != "files" else []
+    on_ray = [s for s in steps if s not in before_ray and s != ("report", None)]
     t0 = time.perf_counter()
-    for stage, method in [s for s in before_ray if s[0] == "data"]:
+    for stage, method in before_ray:
         run_step(cfg, run_dir, state, stage, method, stage in force)
     with ray_session(cfg) if on_ray else contextlib.nullcontext():
         for stage, method in on_ray:

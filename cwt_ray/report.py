@@ -68,8 +68,14 @@ def collect_metrics(cfg: ExperimentConfig, run_dir: Path) -> dict:
     return metrics
 
 
+def _first_eval(metrics: dict) -> dict:
+    """The first method's eval metrics that exist: the split size, backend and latency settings
+    every method shares."""
+    return next((m["eval"] for m in metrics.values() if m.get("eval")), {})
+
+
 def quality_section(cfg: ExperimentConfig, metrics: dict) -> list[str]:
-    e0 = next((m["eval"] for m in metrics.values() if m.get("eval")), {})
+    e0 = _first_eval(metrics)
     rows = []
     for method in cfg.methods:
         e = metrics[method]["eval"]
@@ -88,7 +94,7 @@ def quality_section(cfg: ExperimentConfig, metrics: dict) -> list[str]:
 def speed_section(cfg: ExperimentConfig, metrics: dict) -> list[str]:
     methods = cfg.methods
     base = metrics[methods[0]]["eval"]
-    e0 = next((m["eval"] for m in metrics.values() if m.get("eval")), {})
+    e0 = _first_eval(metrics)
     rows = []
     for method in methods:
         e = metrics[method]["eval"]

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from .cluster import gather, map_on_actor_pool
 from .config import SkipConfig
-from .rundir import SKIP_SCHEMA, SKIP_STATUSES, atomic_dir, chunks_dir, read_chunks, split_file, write_json
+from .rundir import SKIP_SCHEMA, SKIP_STATUSES, SUMMARY, atomic_dir, chunks_dir, read_chunks, split_file, write_json
 
 
 @dataclass(frozen=True)
@@ -211,5 +211,5 @@ def skip_split(run_dir: Path, out_dir: Path, cfg, student_path: Path) -> dict:
     summary = summarise(out, rows_in, scfg)
     with atomic_dir(out_dir) as tmp:
         pq.write_table(out, tmp / "skips.parquet")
-        write_json(tmp / "summary.json", summary)
+        write_json(tmp / SUMMARY, summary)
     return summary

@@ -36,7 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .config import ExperimentConfig, UserError, validate_config
 from .console import fmt_eta, get_logger
-from .rundir import write_atomic, write_json
+from .rundir import METRICS, TRAIN_METRICS, eval_dir, read_json, student_dir, write_atomic, write_json
 from .sweep_config import EVAL_METRICS, Param, Sweep, SweepConfig, grid_values
 from .sweep_report import choose, write_sweep_report
 
@@ -206,10 +206,10 @@ def run_trial(params: dict, sweep: Sweep) -> None:
         t["trained"] = time.perf_counter()
         run_stages(cfg, stages=("eval",), eval_methods=[method])
         t["evaluated"] = time.perf_counter()
-    trained = {m: json.loads((run_dir / "students" / m / "train_metrics.json").read_text()) for m in cfg.methods}
+    trained = {m: read_json(student_dir(run_dir, m) / TRAIN_METRICS) for m in cfg.methods}
     # stt trains cwt first; a student reused from an earlier trial cost this trial no steps.
     step_s = sum(m["train_time_s"] for name, m in trained.items() if f"train/{name}" not in reused)
-    ev = json.loads((run_dir / "evals" / method / "metrics.json").read_text())
+    ev = read_json(eval_dir(run_dir, method) / METRICS)
     generate_s = ev["batched_generation_s"]
     wall = t["evaluated"] - t["start"]
     tune.report({
@@ -428,7 +428,7 @@ def evaluate_on_test(sweep: Sweep, chosen: list[dict]) -> dict[str, dict]:
     method = sweep.config.method
     for row in chosen:
         cfg = sweep.trial_config(row["params"], row["trial_id"], split="test", folder="test")
-        metrics_file = cfg.run_dir / "evals" / method / "metrics.json"
+        metrics_file = eval_dir(cfg.run_dir, method) / METRICS
         if not metrics_file.is_file():
             trial_dir = sweep.dir / "trials" / row["trial_id"]
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -438,7 +438,7 @@ def evaluate_on_test(sweep: Sweep, chosen: list[dict]) -> dict[str, dict]:
                     link.symlink_to(trial_dir / folder, target_is_directory=True)
             write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
             evaluate_method(cfg, method, cfg.run_dir)
-        out[row["trial_id"]] = json.loads(metrics_file.read_text())
+        out[row["trial_id"]] = read_json(metrics_file)
     return out
 
 

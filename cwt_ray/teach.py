@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from .cluster import actor_gpus, map_on_actor_pool
 from .config import ExperimentConfig, StudentConfig, UserError
 from .console import get_logger
-from .rundir import atomic_dir, write_json
+from .rundir import SUMMARY, atomic_dir, write_json
 
 log = get_logger("teach")
 
@@ -160,7 +160,7 @@ def teach(cfg: ExperimentConfig) -> Path:
                    "questions_rejected": counts["rejected"], "generated": sum(finish.values()),
                    "agreeing": agree[True], "disagreeing": agree[False], "finish_reasons": dict(finish)}
         assert summary["generated"] == summary["questions"] * t.num_samples == summary["agreeing"] + summary["disagreeing"]
-        write_json(tmp / "summary.json", summary)
+        write_json(tmp / SUMMARY, summary)
     log.info(f"[teach] {summary['generated']} rationales for {summary['questions']} questions from {t.teacher} "
              f"({engine}); {summary['agreeing']} agree with the gold answer -> {out / 'rationales.parquet'}")
     return out

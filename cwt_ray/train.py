@@ -35,7 +35,7 @@ from .batches import Batch, collate, epoch_steps, micro_batches, worker_share
 from .config import ExperimentConfig
 from .console import fmt_eta, get_logger
 from . import rundir
-from .rundir import (CHUNK_SCHEMA, TRAIN_LOG, TRAIN_METRICS, atomic_dir, read_chunks, read_json, read_records,
+from .rundir import (CHUNK_SCHEMA, SUMMARY, TRAIN_LOG, TRAIN_METRICS, atomic_dir, read_chunks, read_json, read_records,
                      read_skips, skips_dir, split_file, student_dir, write_json)
 from .samples import IGNORE, KIND_NAMES, Sample
 from .student import needs_full_head, token_nll
@@ -282,7 +282,7 @@ def rechunk_with_student(cfg: ExperimentConfig, run_dir: Path, tokenizer_path: s
         with atomic_dir(out) as tmp:
             pq.write_table(kept, tmp / "chunks.parquet")
             summary = summarise(kept, records.num_rows, full.num_rows - kept.num_rows, cfg.chunk)
-            write_json(tmp / "summary.json", summary)
+            write_json(tmp / SUMMARY, summary)
         sbc = summary.get("sbc", {})
         log.info(f"[train cwt] epoch {epoch}: SBC re-run with the current student, {kept.num_rows} rationales, "
                  f"mean chunk loss {sbc.get('mean_loss_before', float('nan')):.4f} -> "
